@@ -1,0 +1,3 @@
+//! roller: zero-downtime rollouts of a JVM service across a fleet over SSH.
+
+pub mod transport;

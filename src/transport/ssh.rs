@@ -1,0 +1,1 @@
+//! SSH transport over russh: one multiplexed, strictly host-key-checked connection per host.

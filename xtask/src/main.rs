@@ -1,0 +1,2 @@
+//! Developer tasks: `cargo xtask fleet|demo|bench|ci`.
+fn main() {}
