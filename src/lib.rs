@@ -1,3 +1,17 @@
 //! roller: zero-downtime rollouts of a JVM service across a fleet over SSH.
+//!
+//! The pipeline is inventory → validated [`inventory::Inventory`] → [`plan::Plan`] (pure data)
+//! → [`executor::Executor`] over a [`transport::Transport`] → [`report`] events and a final
+//! report. Only the executor and the transports perform I/O on hosts.
 
+pub mod balancer;
+pub mod error;
+pub mod executor;
+pub mod health;
+pub mod inventory;
+pub mod plan;
+pub mod remote;
+pub mod report;
 pub mod transport;
+
+pub use error::{Error, Result};

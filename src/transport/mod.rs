@@ -39,13 +39,17 @@ impl ExecOutput {
 /// refusals by policy, not faults, and must never be retried.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum TransportError {
-    #[error("host key for {host} is not in {known_hosts} ({fingerprint}); add it after verifying it out of band")]
+    #[error(
+        "host key for {host} is not in {known_hosts} ({fingerprint}); add it after verifying it out of band"
+    )]
     HostKeyUnknown {
         host: String,
         fingerprint: String,
         known_hosts: String,
     },
-    #[error("host key for {host} does not match {known_hosts} line {line} ({fingerprint}): possible man-in-the-middle, refusing to connect")]
+    #[error(
+        "host key for {host} does not match {known_hosts} line {line} ({fingerprint}): possible man-in-the-middle, refusing to connect"
+    )]
     HostKeyChanged {
         host: String,
         fingerprint: String,

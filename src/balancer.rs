@@ -1,0 +1,191 @@
+//! Load-balancer drivers: how a pool change becomes a file, a reload and a drain check.
+//!
+//! The executor only knows [`Balancer`]; Nginx with a roller-owned upstream file is the one
+//! driver today. Another (HAProxy, a cloud target group) would render its own commands.
+
+use std::collections::BTreeSet;
+
+use crate::inventory::{AppConfig, BalancerConfig, Host};
+use crate::remote::quote;
+
+/// Which hosts receive traffic. Hosts not in `down` are in the pool.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Pool {
+    pub down: BTreeSet<String>,
+}
+
+impl Pool {
+    pub fn with_down<'a>(hosts: impl IntoIterator<Item = &'a String>) -> Pool {
+        Pool {
+            down: hosts.into_iter().cloned().collect(),
+        }
+    }
+}
+
+/// Exit codes of the apply command, so the executor can tell a refused configuration (nothing
+/// changed) from a reload that never took effect.
+pub const APPLY_REJECTED: u32 = 3;
+pub const APPLY_UNCONFIRMED: u32 = 4;
+
+pub trait Balancer: Send + Sync {
+    /// The configuration that puts exactly the hosts outside `pool.down` in rotation.
+    fn render(&self, pool: &Pool) -> String;
+    /// Reads the rendered configuration on stdin, installs it atomically, validates and
+    /// reloads, restores the old file if validation fails, and exits 0 only once the new
+    /// configuration is serving.
+    fn apply_command(&self) -> String;
+    /// Validates the live configuration without changing anything.
+    fn test_command(&self) -> String;
+    /// Prints the number of requests from this load balancer still in flight to `hosts`.
+    fn in_flight_command(&self, hosts: &[&Host]) -> String;
+}
+
+pub struct Nginx {
+    pub config: BalancerConfig,
+    pub hosts: Vec<Host>,
+    pub app_port: u16,
+}
+
+impl Nginx {
+    pub fn new(config: &BalancerConfig, app: &AppConfig, hosts: &[Host]) -> Nginx {
+        Nginx {
+            config: config.clone(),
+            hosts: hosts.to_vec(),
+            app_port: app.port,
+        }
+    }
+
+    fn socket(&self, host: &Host) -> String {
+        if host.address.contains(':') {
+            format!("[{}]:{}", host.address, self.app_port)
+        } else {
+            format!("{}:{}", host.address, self.app_port)
+        }
+    }
+}
+
+impl Balancer for Nginx {
+    fn render(&self, pool: &Pool) -> String {
+        let mut out = format!(
+            "# Managed by roller: rewritten at every step of a rollout; edits here are lost.\nupstream {} {{\n",
+            self.config.upstream
+        );
+        for host in &self.hosts {
+            let down = if pool.down.contains(&host.name) {
+                " down"
+            } else {
+                ""
+            };
+            out.push_str(&format!(
+                "    server {}{down};  # {}\n",
+                self.socket(host),
+                host.name
+            ));
+        }
+        out.push_str("}\n");
+        out
+    }
+
+    fn apply_command(&self) -> String {
+        // The reload is confirmed by waiting for a worker the master did not have before:
+        // `nginx -s reload` returns before the new workers exist, and draining before they do
+        // would wait on connections the old configuration is still opening.
+        format!(
+            "f={file}; n=\"$f.roller-new\"; p=\"$f.roller-prev\"; \
+             cat > \"$n\" || exit 1; \
+             if [ -e \"$f\" ]; then cp -p \"$f\" \"$p\" || exit 1; else rm -f \"$p\"; fi; \
+             mv -f \"$n\" \"$f\" || exit 1; \
+             m=$(cat {pid} 2>/dev/null); \
+             if [ -z \"$m\" ] || [ ! -d \"/proc/$m\" ]; then echo \"nginx master from \"{pid}\" is not running\" >&2; \
+             if [ -e \"$p\" ]; then mv -f \"$p\" \"$f\"; else rm -f \"$f\"; fi; exit {rejected}; fi; \
+             before=\" $(echo $(ps -o pid= --ppid \"$m\")) \"; \
+             if ! {{ {reload}; }}; then \
+             if [ -e \"$p\" ]; then mv -f \"$p\" \"$f\"; else rm -f \"$f\"; fi; \
+             echo 'reload failed; the previous upstream file was restored' >&2; exit {rejected}; fi; \
+             i=0; while [ $i -lt 200 ]; do \
+             for c in $(ps -o pid= --ppid \"$m\"); do case \"$before\" in *\" $c \"*) ;; *) exit 0 ;; esac; done; \
+             sleep 0.05; i=$((i+1)); done; \
+             echo 'nginx started no new workers within 10s of the reload' >&2; exit {unconfirmed}",
+            file = quote(&self.config.upstream_file),
+            pid = quote(&self.config.pid_file),
+            reload = self.config.reload,
+            rejected = APPLY_REJECTED,
+            unconfirmed = APPLY_UNCONFIRMED,
+        )
+    }
+
+    fn test_command(&self) -> String {
+        format!(
+            "{test} || exit 1; m=$(cat {pid} 2>/dev/null); \
+             if [ -z \"$m\" ] || [ ! -d \"/proc/$m\" ]; then echo \"nginx master from \"{pid}\" is not running\" >&2; exit 1; fi; \
+             f={file}; d=$(dirname \"$f\"); test -w \"$d\" || {{ echo \"$d is not writable\" >&2; exit 1; }}",
+            test = self.config.test,
+            pid = quote(&self.config.pid_file),
+            file = quote(&self.config.upstream_file),
+        )
+    }
+
+    fn in_flight_command(&self, hosts: &[&Host]) -> String {
+        let filter = hosts
+            .iter()
+            .map(|h| format!("dst {}", self.socket(h)))
+            .collect::<Vec<_>>()
+            .join(" or ");
+        format!(
+            "ss -Htn state established {} | wc -l",
+            quote(&format!("( {filter} )"))
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nginx() -> Nginx {
+        let config = BalancerConfig {
+            hosts: vec!["10.0.0.5".into()],
+            upstream_file: "/etc/nginx/conf.d/shop-upstream.conf".into(),
+            upstream: "shop".into(),
+            test: "nginx -t".into(),
+            reload: "nginx -t && nginx -s reload".into(),
+            pid_file: "/run/nginx.pid".into(),
+            drain_timeout: std::time::Duration::from_secs(30),
+        };
+        let hosts = vec![
+            Host {
+                name: "web-1".into(),
+                address: "10.0.1.11".into(),
+            },
+            Host {
+                name: "web-2".into(),
+                address: "fd00::12".into(),
+            },
+        ];
+        Nginx {
+            config,
+            hosts,
+            app_port: 8080,
+        }
+    }
+
+    #[test]
+    fn render_marks_only_the_batch_down() {
+        let text = nginx().render(&Pool::with_down(&["web-2".to_string()]));
+        assert_eq!(
+            text,
+            "# Managed by roller: rewritten at every step of a rollout; edits here are lost.\n\
+             upstream shop {\n    server 10.0.1.11:8080;  # web-1\n    server [fd00::12]:8080 down;  # web-2\n}\n"
+        );
+    }
+
+    #[test]
+    fn in_flight_filter_is_one_quoted_argument() {
+        let n = nginx();
+        let hosts: Vec<&Host> = n.hosts.iter().collect();
+        assert_eq!(
+            n.in_flight_command(&hosts),
+            "ss -Htn state established '( dst 10.0.1.11:8080 or dst [fd00::12]:8080 )' | wc -l"
+        );
+    }
+}

@@ -1,0 +1,559 @@
+//! The inventory file, read and validated as a whole before anything touches a host.
+//!
+//! Parsing goes through a generic TOML table rather than `#[derive(Deserialize)]` so that one
+//! pass can report every problem at once, each with its key path, instead of stopping at the
+//! first one.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+use toml::{Table, Value};
+
+use crate::error::{Error, Problem, Result};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Inventory {
+    pub ssh: SshConfig,
+    pub app: AppConfig,
+    pub health: HealthConfig,
+    pub balancer: BalancerConfig,
+    pub hosts: Vec<Host>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SshConfig {
+    pub user: String,
+    pub port: u16,
+    /// Private key file; `None` means the ssh-agent.
+    pub identity: Option<PathBuf>,
+    pub known_hosts: PathBuf,
+    #[serde(with = "human")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AppConfig {
+    pub name: String,
+    /// `releases/<release>/<jar_name>` and the `current` link live here. A relative path is
+    /// taken from the SSH login directory.
+    pub dir: String,
+    pub jar_name: String,
+    pub restart: String,
+    pub port: u16,
+    pub keep_releases: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthConfig {
+    pub path: String,
+    pub expect_status: u16,
+    #[serde(with = "human")]
+    pub interval: Duration,
+    #[serde(with = "human")]
+    pub timeout: Duration,
+    pub successes: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BalancerConfig {
+    pub hosts: Vec<String>,
+    pub upstream_file: String,
+    pub upstream: String,
+    /// Checks the configuration without applying it: run during pre-flight.
+    pub test: String,
+    pub reload: String,
+    /// The nginx master's pid file, used to confirm that a reload started new workers.
+    pub pid_file: String,
+    #[serde(with = "human")]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Host {
+    pub name: String,
+    pub address: String,
+}
+
+pub(crate) mod human {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+impl Inventory {
+    /// Reads and validates `file`. Errors name the file and every problem found.
+    pub fn load(file: &Path) -> Result<Inventory> {
+        let text = std::fs::read_to_string(file).map_err(|source| Error::InventoryRead {
+            file: file.to_path_buf(),
+            source,
+        })?;
+        Inventory::parse(&text).map_err(|problems| Error::Inventory {
+            file: file.to_path_buf(),
+            problems,
+        })
+    }
+
+    /// Validates inventory text; on failure returns every problem, in file order of sections.
+    pub fn parse(text: &str) -> std::result::Result<Inventory, Vec<Problem>> {
+        let root: Table = match text.parse() {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(vec![Problem {
+                    key: "(syntax)".into(),
+                    message: e.to_string().trim().replace('\n', " "),
+                }]);
+            }
+        };
+        let mut r = Reader::default();
+        r.unknown_keys("", &root, &["ssh", "app", "health", "balancer", "hosts"]);
+
+        let empty = Table::new();
+        let ssh_t = r.section(&root, "ssh").unwrap_or(&empty);
+        let app_t = r.section(&root, "app").unwrap_or(&empty);
+        let health_t = r.optional_section(&root, "health").unwrap_or(&empty);
+        let lb_t = r.section(&root, "balancer").unwrap_or(&empty);
+
+        r.unknown_keys(
+            "ssh",
+            ssh_t,
+            &["user", "port", "identity", "known_hosts", "connect_timeout"],
+        );
+        let ssh = SshConfig {
+            user: r.word(ssh_t, "ssh", "user", None),
+            port: r.port(ssh_t, "ssh", "port", Some(22)),
+            identity: r
+                .optional_string(ssh_t, "ssh", "identity")
+                .map(|p| expand_home(&p)),
+            known_hosts: expand_home(&r.string(
+                ssh_t,
+                "ssh",
+                "known_hosts",
+                Some("~/.ssh/known_hosts"),
+            )),
+            connect_timeout: r.duration(ssh_t, "ssh", "connect_timeout", Some("10s")),
+        };
+
+        r.unknown_keys(
+            "app",
+            app_t,
+            &[
+                "name",
+                "dir",
+                "jar_name",
+                "restart",
+                "port",
+                "keep_releases",
+            ],
+        );
+        let app = AppConfig {
+            name: r.word(app_t, "app", "name", None),
+            dir: r.string(app_t, "app", "dir", None),
+            jar_name: r.word(app_t, "app", "jar_name", Some("app.jar")),
+            restart: r.string(app_t, "app", "restart", None),
+            port: r.port(app_t, "app", "port", None),
+            keep_releases: r.integer(app_t, "app", "keep_releases", Some(5), 2, 1000) as usize,
+        };
+        if matches!(app.jar_name.as_str(), "." | "..") {
+            r.problem("app.jar_name", "must be a file name, not \".\" or \"..\"");
+        }
+
+        r.unknown_keys(
+            "health",
+            health_t,
+            &["path", "expect_status", "interval", "timeout", "successes"],
+        );
+        let health = HealthConfig {
+            path: r.string(health_t, "health", "path", Some("/actuator/health")),
+            expect_status: r.integer(health_t, "health", "expect_status", Some(200), 100, 599)
+                as u16,
+            interval: r.duration(health_t, "health", "interval", Some("500ms")),
+            timeout: r.duration(health_t, "health", "timeout", Some("60s")),
+            successes: r.integer(health_t, "health", "successes", Some(1), 1, 1000) as u32,
+        };
+        if !health.path.starts_with('/') || health.path.chars().any(char::is_whitespace) {
+            r.problem(
+                "health.path",
+                format!(
+                    "must start with \"/\" and contain no spaces, got {:?}",
+                    health.path
+                ),
+            );
+        }
+        if health.timeout < health.interval {
+            r.problem(
+                "health.timeout",
+                "must be at least health.interval".to_string(),
+            );
+        }
+
+        r.unknown_keys(
+            "balancer",
+            lb_t,
+            &[
+                "hosts",
+                "upstream_file",
+                "upstream",
+                "test",
+                "reload",
+                "pid_file",
+                "drain_timeout",
+            ],
+        );
+        let default_upstream = if app.name.is_empty() {
+            "app".to_string()
+        } else {
+            app.name.clone()
+        };
+        let balancer = BalancerConfig {
+            hosts: r.address_list(lb_t, "balancer", "hosts"),
+            upstream_file: r.string(lb_t, "balancer", "upstream_file", None),
+            upstream: r.word(lb_t, "balancer", "upstream", Some(&default_upstream)),
+            test: r.string(lb_t, "balancer", "test", Some("nginx -t")),
+            reload: r.string(
+                lb_t,
+                "balancer",
+                "reload",
+                Some("nginx -t && nginx -s reload"),
+            ),
+            pid_file: r.string(lb_t, "balancer", "pid_file", Some("/run/nginx.pid")),
+            drain_timeout: r.duration(lb_t, "balancer", "drain_timeout", Some("30s")),
+        };
+
+        let hosts = r.hosts(&root);
+        if !r.problems.is_empty() {
+            return Err(r.finish());
+        }
+        Ok(Inventory {
+            ssh,
+            app,
+            health,
+            balancer,
+            hosts,
+        })
+    }
+
+    pub fn host(&self, name: &str) -> Option<&Host> {
+        self.hosts.iter().find(|h| h.name == name)
+    }
+}
+
+/// `~/x` is how people write key paths; the shell is not there to expand it for us.
+fn expand_home(path: &str) -> PathBuf {
+    match (path.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => PathBuf::from(path),
+    }
+}
+
+/// Names that end up in file names, upstream blocks and unquoted log lines.
+pub fn is_word(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// A host name or IP literal: what nginx's `server` directive and `ss` filters accept.
+fn is_address(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'))
+}
+
+/// Collects problems while reading values, so that one pass reports them all.
+#[derive(Default)]
+struct Reader {
+    problems: Vec<Problem>,
+}
+
+impl Reader {
+    /// Problems in file order of sections; a missing or mistyped section is reported once,
+    /// not once more for every key it would have held.
+    fn finish(self) -> Vec<Problem> {
+        const ORDER: [&str; 5] = ["ssh", "app", "health", "balancer", "hosts"];
+        let section_of = |key: &str| key.split(['.', '[']).next().unwrap_or_default().to_string();
+        let broken: HashSet<String> = self
+            .problems
+            .iter()
+            .filter(|p| !p.key.contains(['.', '[']) && p.key != "hosts")
+            .map(|p| p.key.clone())
+            .collect();
+        let mut problems: Vec<Problem> = self
+            .problems
+            .into_iter()
+            .filter(|p| !(p.key.contains('.') && broken.contains(&section_of(&p.key))))
+            .collect();
+        problems.sort_by_key(|p| {
+            let section = section_of(&p.key);
+            ORDER.iter().position(|s| *s == section).unwrap_or(0)
+        });
+        problems
+    }
+
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn unknown_keys(&mut self, section: &str, table: &Table, known: &[&str]) {
+        for key in table.keys() {
+            if !known.contains(&key.as_str()) {
+                let path = join(section, key);
+                self.problem(
+                    path,
+                    format!("unknown key (expected one of: {})", known.join(", ")),
+                );
+            }
+        }
+    }
+
+    fn section<'t>(&mut self, root: &'t Table, name: &str) -> Option<&'t Table> {
+        match root.get(name) {
+            None => {
+                self.problem(name, "missing section");
+                None
+            }
+            Some(_) => self.optional_section(root, name),
+        }
+    }
+
+    fn optional_section<'t>(&mut self, root: &'t Table, name: &str) -> Option<&'t Table> {
+        match root.get(name) {
+            None => None,
+            Some(Value::Table(t)) => Some(t),
+            Some(other) => {
+                self.problem(name, format!("must be a table, got {}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    fn raw_string(
+        &mut self,
+        t: &Table,
+        section: &str,
+        key: &str,
+        default: Option<&str>,
+    ) -> Option<String> {
+        let path = join(section, key);
+        match t.get(key) {
+            Some(Value::String(s)) if s.trim().is_empty() => {
+                self.problem(path, "must not be empty");
+                None
+            }
+            Some(Value::String(s)) if s.contains(['\0', '\n', '\r']) => {
+                self.problem(path, "must be a single line");
+                None
+            }
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(other) => {
+                self.problem(path, format!("must be a string, got {}", other.type_str()));
+                None
+            }
+            None => match default {
+                Some(d) => Some(d.to_string()),
+                None => {
+                    self.problem(path, "missing");
+                    None
+                }
+            },
+        }
+    }
+
+    fn string(&mut self, t: &Table, section: &str, key: &str, default: Option<&str>) -> String {
+        self.raw_string(t, section, key, default)
+            .unwrap_or_default()
+    }
+
+    fn optional_string(&mut self, t: &Table, section: &str, key: &str) -> Option<String> {
+        t.get(key)?;
+        self.raw_string(t, section, key, None)
+    }
+
+    fn word(&mut self, t: &Table, section: &str, key: &str, default: Option<&str>) -> String {
+        let value = self.raw_string(t, section, key, default);
+        match value {
+            Some(v) if !is_word(&v) => {
+                self.problem(
+                    join(section, key),
+                    format!("{v:?} may only contain letters, digits, '.', '_' and '-'"),
+                );
+                String::new()
+            }
+            v => v.unwrap_or_default(),
+        }
+    }
+
+    fn integer(
+        &mut self,
+        t: &Table,
+        section: &str,
+        key: &str,
+        default: Option<i64>,
+        min: i64,
+        max: i64,
+    ) -> i64 {
+        let path = join(section, key);
+        let value = match t.get(key) {
+            Some(Value::Integer(i)) => *i,
+            Some(other) => {
+                self.problem(
+                    path,
+                    format!("must be an integer, got {}", other.type_str()),
+                );
+                return default.unwrap_or(min);
+            }
+            None => match default {
+                Some(d) => d,
+                None => {
+                    self.problem(path, "missing");
+                    return min;
+                }
+            },
+        };
+        if value < min || value > max {
+            self.problem(
+                path,
+                format!("must be between {min} and {max}, got {value}"),
+            );
+            return min;
+        }
+        value
+    }
+
+    fn port(&mut self, t: &Table, section: &str, key: &str, default: Option<i64>) -> u16 {
+        self.integer(t, section, key, default, 1, 65535) as u16
+    }
+
+    fn duration(&mut self, t: &Table, section: &str, key: &str, default: Option<&str>) -> Duration {
+        let Some(text) = self.raw_string(t, section, key, default) else {
+            return Duration::ZERO;
+        };
+        match humantime::parse_duration(text.trim()) {
+            Ok(d) if d.is_zero() => {
+                self.problem(join(section, key), "must be greater than zero");
+                Duration::ZERO
+            }
+            Ok(d) => d,
+            Err(_) => {
+                self.problem(
+                    join(section, key),
+                    format!("{text:?} is not a duration like \"500ms\", \"10s\" or \"2m\""),
+                );
+                Duration::ZERO
+            }
+        }
+    }
+
+    fn address_list(&mut self, t: &Table, section: &str, key: &str) -> Vec<String> {
+        let path = join(section, key);
+        let Some(value) = t.get(key) else {
+            self.problem(path, "missing: list every nginx host in front of the app");
+            return Vec::new();
+        };
+        let Value::Array(items) = value else {
+            self.problem(
+                path,
+                format!("must be a list of addresses, got {}", value.type_str()),
+            );
+            return Vec::new();
+        };
+        if items.is_empty() {
+            self.problem(path.clone(), "must name at least one load-balancer host");
+        }
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let item_path = format!("{path}[{i}]");
+            match item {
+                Value::String(s) if !is_address(s) => {
+                    self.problem(item_path, format!("{s:?} is not a host name or IP address"))
+                }
+                Value::String(s) if !seen.insert(s.clone()) => {
+                    self.problem(item_path, format!("duplicate {s:?}"))
+                }
+                Value::String(s) => out.push(s.clone()),
+                other => self.problem(
+                    item_path,
+                    format!("must be a string, got {}", other.type_str()),
+                ),
+            }
+        }
+        out
+    }
+
+    fn hosts(&mut self, root: &Table) -> Vec<Host> {
+        let items = match root.get("hosts") {
+            None => {
+                self.problem("hosts", "missing: add at least one [[hosts]] entry");
+                return Vec::new();
+            }
+            Some(Value::Array(items)) => items,
+            Some(other) => {
+                self.problem(
+                    "hosts",
+                    format!(
+                        "must be an array of tables ([[hosts]]), got {}",
+                        other.type_str()
+                    ),
+                );
+                return Vec::new();
+            }
+        };
+        if items.is_empty() {
+            self.problem("hosts", "must list at least one host");
+        }
+        let mut names: BTreeMap<String, usize> = BTreeMap::new();
+        let mut addresses: BTreeMap<String, usize> = BTreeMap::new();
+        let mut hosts = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let section = format!("hosts[{i}]");
+            let Value::Table(t) = item else {
+                self.problem(section, format!("must be a table, got {}", item.type_str()));
+                continue;
+            };
+            self.unknown_keys(&section, t, &["name", "address"]);
+            let name = self.word(t, &section, "name", None);
+            let address = self.string(t, &section, "address", None);
+            if !address.is_empty() && !is_address(&address) {
+                self.problem(
+                    join(&section, "address"),
+                    format!("{address:?} is not a host name or IP address"),
+                );
+            }
+            if !name.is_empty() {
+                if let Some(first) = names.insert(name.clone(), i) {
+                    self.problem(
+                        join(&section, "name"),
+                        format!("duplicate {name:?} (also hosts[{first}].name)"),
+                    );
+                }
+            }
+            if !address.is_empty() {
+                if let Some(first) = addresses.insert(address.clone(), i) {
+                    self.problem(
+                        join(&section, "address"),
+                        format!("duplicate {address:?} (also hosts[{first}].address)"),
+                    );
+                }
+            }
+            hosts.push(Host { name, address });
+        }
+        hosts
+    }
+}
+
+fn join(section: &str, key: &str) -> String {
+    if section.is_empty() {
+        key.to_string()
+    } else {
+        format!("{section}.{key}")
+    }
+}

@@ -1,0 +1,140 @@
+//! Inventory validation: every problem at once, each named by its key path, and no panic.
+
+use roller::inventory::Inventory;
+
+#[test]
+fn the_example_inventory_is_valid_and_means_what_its_comments_say() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/inventory.example.toml"
+    ))
+    .unwrap();
+    let inv = Inventory::parse(&text).unwrap();
+    assert_eq!(inv.ssh.user, "ec2-user");
+    assert_eq!(inv.ssh.port, 22);
+    assert!(inv.ssh.identity.unwrap().ends_with(".ssh/deploy_ed25519"));
+    assert_eq!(inv.app.dir, "/opt/shop");
+    assert_eq!(inv.app.keep_releases, 5);
+    assert_eq!(inv.health.interval, std::time::Duration::from_millis(500));
+    assert_eq!(inv.health.timeout, std::time::Duration::from_secs(60));
+    assert_eq!(inv.balancer.hosts, vec!["10.0.0.5"]);
+    assert_eq!(
+        inv.balancer.drain_timeout,
+        std::time::Duration::from_secs(30)
+    );
+    assert_eq!(inv.hosts.len(), 2);
+    assert_eq!(inv.hosts[1].name, "web-2");
+}
+
+fn problems(text: &str) -> Vec<String> {
+    Inventory::parse(text)
+        .unwrap_err()
+        .into_iter()
+        .map(|p| p.to_string())
+        .collect()
+}
+
+const MINIMAL: &str = r#"
+[ssh]
+user = "deploy"
+[app]
+name = "shop"
+dir = "/opt/shop"
+restart = "systemctl restart shop"
+port = 8080
+[balancer]
+hosts = ["10.0.0.5"]
+upstream_file = "/etc/nginx/conf.d/shop.conf"
+[[hosts]]
+name = "web-1"
+address = "10.0.1.11"
+"#;
+
+#[test]
+fn defaults_fill_what_the_minimal_inventory_leaves_out() {
+    let inv = Inventory::parse(MINIMAL).unwrap();
+    assert_eq!(inv.app.jar_name, "app.jar");
+    assert_eq!(inv.balancer.upstream, "shop");
+    assert_eq!(inv.balancer.reload, "nginx -t && nginx -s reload");
+    assert_eq!(inv.health.path, "/actuator/health");
+    assert_eq!(inv.ssh.identity, None);
+}
+
+#[test]
+fn every_problem_is_reported_at_once_with_its_key_path() {
+    let text = r#"
+[ssh]
+user = "deploy"
+port = 70000
+conect_timeout = "5s"
+[app]
+name = "shop"
+dir = "/opt/shop"
+restart = "systemctl restart shop"
+port = "8080"
+keep_releases = 1
+[health]
+interval = "soon"
+path = "actuator/health"
+[balancer]
+hosts = []
+upstream_file = "/etc/nginx/conf.d/shop.conf"
+[[hosts]]
+name = "web-1"
+address = "10.0.1.11"
+[[hosts]]
+name = "web-1"
+address = "10.0.1.11"
+[[hosts]]
+name = "web 3"
+"#;
+    assert_eq!(
+        problems(text),
+        vec![
+            "ssh.conect_timeout: unknown key (expected one of: user, port, identity, known_hosts, connect_timeout)",
+            "ssh.port: must be between 1 and 65535, got 70000",
+            "app.port: must be an integer, got string",
+            "app.keep_releases: must be between 2 and 1000, got 1",
+            "health.interval: \"soon\" is not a duration like \"500ms\", \"10s\" or \"2m\"",
+            "health.path: must start with \"/\" and contain no spaces, got \"actuator/health\"",
+            "balancer.hosts: must name at least one load-balancer host",
+            "hosts[1].name: duplicate \"web-1\" (also hosts[0].name)",
+            "hosts[1].address: duplicate \"10.0.1.11\" (also hosts[0].address)",
+            "hosts[2].name: \"web 3\" may only contain letters, digits, '.', '_' and '-'",
+            "hosts[2].address: missing",
+        ]
+    );
+}
+
+#[test]
+fn missing_sections_and_syntax_errors_are_named_not_panicked_on() {
+    assert_eq!(
+        problems("[ssh]\nuser = \"x\"\n"),
+        vec![
+            "app: missing section",
+            "balancer: missing section",
+            "hosts: missing: add at least one [[hosts]] entry",
+        ]
+    );
+    let syntax = problems("[ssh\nuser = 1");
+    assert_eq!(syntax.len(), 1);
+    assert!(syntax[0].starts_with("(syntax): "), "{syntax:?}");
+    assert_eq!(
+        problems(
+            "ssh = 3\napp = []\n[balancer]\nhosts = \"lb\"\nupstream_file = \"/x\"\n[[hosts]]\nname = \"a\"\naddress = \"$(reboot)\"\n"
+        ),
+        vec![
+            "ssh: must be a table, got integer",
+            "app: must be a table, got array",
+            "balancer.hosts: must be a list of addresses, got string",
+            "hosts[0].address: \"$(reboot)\" is not a host name or IP address",
+        ]
+    );
+}
+
+#[test]
+fn a_missing_inventory_file_is_named() {
+    let err = Inventory::load(std::path::Path::new("/nonexistent/roller.toml")).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("/nonexistent/roller.toml"), "{text}");
+}
