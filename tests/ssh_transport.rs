@@ -1,0 +1,716 @@
+//! The SSH transport against a real OpenSSH sshd, because the behaviour that matters (host-key
+//! refusals, MaxSessions, commands that stop reading stdin, direct-tcpip) is the server's.
+//!
+//! Every test runs its own sshd on its own loopback address (127.79.<n>.1) in a tempdir; the
+//! `Sshd` guard stops it by PID when the test ends, pass or fail.
+
+use std::net::TcpListener as StdTcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use roller::transport::ssh::{SshConnector, SshSettings};
+use roller::transport::{Connector, Endpoint, Transport, TransportError};
+use roller_fleet::sshd::{ClientKey, Sshd, SshdSpec, generate_client_key};
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+struct Host {
+    sshd: Sshd,
+    key: ClientKey,
+    known_hosts: PathBuf,
+    session_dir: Option<PathBuf>,
+    dir: TempDir,
+}
+
+/// sshd can only log in as the user running it unless that user is root.
+fn current_user() -> String {
+    let out = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A port that was free on `address` a moment ago; a fixed port could collide with an sshd left
+/// behind by an earlier, killed test run.
+fn free_port(address: &str) -> u16 {
+    StdTcpListener::bind((address, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_host(n: u8, with_session_dir: bool) -> Host {
+    let dir = tempfile::tempdir().unwrap();
+    let key = generate_client_key(&dir.path().join("client/id_ed25519")).unwrap();
+    let authorized_keys = dir.path().join("authorized_keys");
+    std::fs::write(&authorized_keys, format!("{}\n", key.public_key_line)).unwrap();
+    let session_dir = with_session_dir.then(|| {
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        root
+    });
+    let address = format!("127.79.{n}.1");
+    let port = free_port(&address);
+    let sshd = Sshd::start(SshdSpec {
+        dir: dir.path().join("sshd"),
+        address,
+        port,
+        authorized_keys,
+        session_dir: session_dir.clone(),
+    })
+    .unwrap();
+    let known_hosts = dir.path().join("known_hosts");
+    std::fs::write(&known_hosts, format!("{}\n", sshd.known_hosts_line())).unwrap();
+    Host {
+        sshd,
+        key,
+        known_hosts,
+        session_dir,
+        dir,
+    }
+}
+
+impl Host {
+    fn settings(&self) -> SshSettings {
+        let mut settings = SshSettings::new(
+            current_user(),
+            Some(self.key.private_key.clone()),
+            self.known_hosts.clone(),
+        );
+        settings.connect_timeout = Duration::from_secs(10);
+        settings
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            name: format!("host-{}", self.sshd.address()),
+            address: self.sshd.address().to_string(),
+            port: self.sshd.port(),
+        }
+    }
+
+    async fn connect(&self) -> Arc<dyn Transport> {
+        SshConnector::new(self.settings())
+            .unwrap()
+            .connect(&self.endpoint())
+            .await
+            .unwrap()
+    }
+
+    fn sshd_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sshd/sshd.log")).unwrap_or_default()
+    }
+}
+
+/// Deterministic, incompressible-looking bytes (xorshift), so corruption cannot hide in runs.
+fn payload(len: usize) -> Bytes {
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut data = Vec::with_capacity(len + 8);
+    while data.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        data.extend_from_slice(&state.to_le_bytes());
+    }
+    data.truncate(len);
+    Bytes::from(data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_returns_stdout_stderr_and_exit_status() {
+    let host = start_host(1, false);
+    let ssh = host.connect().await;
+
+    let out = ssh
+        .exec("echo out; echo err >&2; exit 7", None, DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(out.status, Some(7));
+    assert_eq!(out.stdout, b"out\n");
+    assert_eq!(out.stderr, b"err\n");
+
+    let out = ssh
+        .exec("printf '%s' \"$((6 * 7))\"", None, DEADLINE)
+        .await
+        .unwrap();
+    assert!(out.success());
+    assert_eq!(out.stdout_text(), "42");
+    assert!(out.stderr.is_empty());
+
+    // stdin gets EOF even when none is given, so a reading command does not hang.
+    let out = ssh.exec("wc -c", None, DEADLINE).await.unwrap();
+    assert_eq!(out.stdout_text().trim(), "0");
+
+    ssh.close().await;
+    match ssh.exec("true", None, DEADLINE).await {
+        Err(TransportError::Disconnected(_)) => {}
+        other => panic!("exec after close: expected Disconnected, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_arrives_byte_exact() {
+    let host = start_host(2, false);
+    let ssh = host.connect().await;
+    let data = payload(5 * 1024 * 1024 + 17);
+    let expected = hex::encode(Sha256::digest(&data));
+
+    let out = ssh
+        .exec("sha256sum -b; wc -c >&2", Some(data.clone()), DEADLINE)
+        .await
+        .unwrap();
+    assert!(out.success(), "{out:?}");
+    let remote = out.stdout_text();
+    assert_eq!(remote.split_whitespace().next(), Some(expected.as_str()));
+
+    // Large stdout comes back intact too (more than the channel window).
+    let out = ssh.exec("cat", Some(data.clone()), DEADLINE).await.unwrap();
+    assert!(out.success());
+    assert_eq!(out.stdout.len(), data.len());
+    assert!(out.stdout == data[..], "echoed bytes differ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_throughput_of_a_100_mb_jar() {
+    let host = start_host(3, false);
+    let ssh = host.connect().await;
+    let data = Bytes::from(vec![0x5a; 100 * 1024 * 1024]);
+
+    let started = Instant::now();
+    let out = ssh
+        .exec("wc -c", Some(data.clone()), DEADLINE)
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    assert!(out.success(), "{out:?}");
+    assert_eq!(out.stdout_text(), data.len().to_string());
+    let mb_per_s = data.len() as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64();
+    eprintln!("uploaded 100 MiB in {elapsed:?}: {mb_per_s:.0} MiB/s");
+    // Loose floor: other tests share the two cores; a hang or per-packet stall shows far below.
+    assert!(mb_per_s > 10.0, "upload too slow: {mb_per_s:.1} MiB/s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_into_a_command_that_exits_returns_promptly() {
+    let host = start_host(4, false);
+    let ssh = host.connect().await;
+    // Far more than the channel window, so the writer is certainly blocked when the command ends.
+    let data = Bytes::from(vec![0u8; 64 * 1024 * 1024]);
+
+    let started = Instant::now();
+    let out = ssh.exec("exit 3", Some(data), DEADLINE).await.unwrap();
+    assert_eq!(out.status, Some(3));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // The connection is still good afterwards.
+    let out = ssh.exec("echo still here", None, DEADLINE).await.unwrap();
+    assert_eq!(out.stdout_text(), "still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_bounds_a_command_that_never_finishes() {
+    let host = start_host(5, false);
+    let ssh = host.connect().await;
+
+    let started = Instant::now();
+    let result = ssh
+        .exec(
+            "sleep 20",
+            Some(Bytes::from(vec![0u8; 8 * 1024 * 1024])),
+            Duration::from_millis(700),
+        )
+        .await;
+    assert_eq!(
+        result,
+        Err(TransportError::Timeout(Duration::from_millis(700)))
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // A timed-out channel is closed, so once its command ends its MaxSessions slot is free
+    // again. (OpenSSH keeps the session of a still-running command, and refuses the signal that
+    // could end it for root logins, so the command here is one that ends when its stdin is
+    // closed: an upload cut off by the deadline.) After more abandoned uploads than MaxSessions
+    // 10, a normal command must still get a channel: if closing leaked sessions, every slot
+    // would stay taken and it would be refused until its deadline.
+    let stdin = Bytes::from(vec![0u8; 256 * 1024 * 1024]);
+    for i in 0..12 {
+        let result = ssh
+            .exec(
+                "cat > /dev/null",
+                Some(stdin.clone()),
+                Duration::from_millis(150),
+            )
+            .await;
+        match result {
+            Err(TransportError::Timeout(_)) => {}
+            // On a loaded machine the server may not have reaped the previous ones yet.
+            Err(TransportError::Channel(_)) if i > 0 => {}
+            other => panic!(
+                "abandoned upload {i}: {other:?}\nsshd log:\n{}",
+                host.sshd_log()
+            ),
+        }
+    }
+    let out = ssh.exec("echo alive", None, DEADLINE).await.unwrap();
+    assert_eq!(out.stdout_text(), "alive");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_host_key_is_refused_without_retry_or_login() {
+    let host = start_host(6, false);
+    std::fs::write(&host.known_hosts, "# nothing known yet\n").unwrap();
+
+    let started = Instant::now();
+    let result = SshConnector::new(host.settings())
+        .unwrap()
+        .connect(&host.endpoint())
+        .await;
+    let expected_host = format!("[{}]:{}", host.sshd.address(), host.sshd.port());
+    match result {
+        Err(TransportError::HostKeyUnknown {
+            host: h,
+            fingerprint,
+            known_hosts,
+        }) => {
+            assert_eq!(h, expected_host);
+            assert!(fingerprint.starts_with("SHA256:"), "{fingerprint}");
+            assert_eq!(known_hosts, host.known_hosts.display().to_string());
+        }
+        Err(other) => panic!("expected HostKeyUnknown, got {other:?}"),
+        Ok(_) => panic!("expected HostKeyUnknown, got a session"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(!host.sshd_log().contains("Accepted"), "{}", host.sshd_log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_host_key_is_refused_with_the_line() {
+    let host = start_host(7, false);
+    let other = generate_client_key(&host.dir.path().join("impostor")).unwrap();
+    let other_key = other.public_key_line.split_whitespace().nth(1).unwrap();
+    std::fs::write(
+        &host.known_hosts,
+        format!(
+            "# recorded earlier\n[{}]:{} ssh-ed25519 {other_key}\n",
+            host.sshd.address(),
+            host.sshd.port()
+        ),
+    )
+    .unwrap();
+
+    let started = Instant::now();
+    let result = SshConnector::new(host.settings())
+        .unwrap()
+        .connect(&host.endpoint())
+        .await;
+    match result {
+        Err(TransportError::HostKeyChanged {
+            host: h,
+            line,
+            fingerprint,
+            ..
+        }) => {
+            assert_eq!(h, format!("[{}]:{}", host.sshd.address(), host.sshd.port()));
+            assert_eq!(line, 2);
+            assert!(fingerprint.starts_with("SHA256:"), "{fingerprint}");
+        }
+        Err(other) => panic!("expected HostKeyChanged, got {other:?}"),
+        Ok(_) => panic!("expected HostKeyChanged, got a session"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(!host.sshd_log().contains("Accepted"), "{}", host.sshd_log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_not_authorized_is_an_auth_error() {
+    let host = start_host(8, false);
+    let stranger = generate_client_key(&host.dir.path().join("stranger")).unwrap();
+    let mut settings = host.settings();
+    settings.identity = Some(stranger.private_key.clone());
+
+    let result = SshConnector::new(settings)
+        .unwrap()
+        .connect(&host.endpoint())
+        .await;
+    match result {
+        Err(TransportError::Auth { user, detail }) => {
+            assert_eq!(user, current_user());
+            assert!(detail.contains("stranger"), "{detail}");
+        }
+        Err(other) => panic!("expected Auth, got {other:?}"),
+        Ok(_) => panic!("expected Auth, got a session"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_execs_share_one_connection() {
+    let host = start_host(9, false);
+    let ssh = host.connect().await;
+
+    let runs = (0..20).map(|i| {
+        let ssh = ssh.clone();
+        async move {
+            let out = ssh
+                .exec(&format!("sleep 0.2; echo {i}"), None, DEADLINE)
+                .await
+                .unwrap_or_else(|e| panic!("exec {i}: {e}"));
+            assert!(out.success(), "exec {i}: {out:?}");
+            assert_eq!(out.stdout_text(), i.to_string());
+        }
+    });
+    futures::future::join_all(runs).await;
+
+    // One connection: sshd logged exactly one login.
+    assert_eq!(
+        host.sshd_log().matches("Accepted publickey").count(),
+        1,
+        "{}",
+        host.sshd_log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_cap_above_max_sessions_still_succeeds_by_retrying() {
+    let host = start_host(10, false);
+    let mut settings = host.settings();
+    // Past OpenSSH's MaxSessions 10: the server refuses some opens and the transport must wait.
+    settings.max_channels_per_host = 16;
+    let ssh = SshConnector::new(settings)
+        .unwrap()
+        .connect(&host.endpoint())
+        .await
+        .unwrap();
+
+    let runs = (0..16).map(|i| {
+        let ssh = ssh.clone();
+        async move {
+            let out = ssh
+                .exec(&format!("sleep 0.3; echo {i}"), None, DEADLINE)
+                .await
+                .unwrap_or_else(|e| panic!("exec {i}: {e}"));
+            assert_eq!(out.stdout_text(), i.to_string());
+        }
+    });
+    futures::future::join_all(runs).await;
+}
+
+/// A one-shot HTTP server on loopback answering every request with `status`.
+async fn tiny_http_server(address: &str, status: &'static str) -> u16 {
+    let listener = tokio::net::TcpListener::bind((address, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&request);
+                // Answer 400 unless the request looks like what roller is meant to send.
+                let status = if text.starts_with("GET /health HTTP/1.1\r\n")
+                    && text.contains("\r\nConnection: close\r\n")
+                {
+                    status
+                } else {
+                    "400 Bad Request"
+                };
+                let response = format!("HTTP/1.1 {status}\r\nContent-Length: 2\r\n\r\nok");
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_get_through_the_host() {
+    let host = start_host(11, false);
+    let ssh = host.connect().await;
+    let address = host.sshd.address().to_string();
+
+    let healthy = tiny_http_server(&address, "200 OK").await;
+    let sick = tiny_http_server(&address, "503 Service Unavailable").await;
+    assert_eq!(
+        ssh.http_get(&address, healthy, "/health", DEADLINE).await,
+        Ok(200)
+    );
+    assert_eq!(
+        ssh.http_get(&address, sick, "/health", DEADLINE).await,
+        Ok(503)
+    );
+
+    // Nothing listening: the host's connect is refused and that must come back at once.
+    let closed = free_port(&address);
+    let started = Instant::now();
+    let result = ssh.http_get(&address, closed, "/health", DEADLINE).await;
+    assert!(
+        matches!(result, Err(TransportError::Channel(_))),
+        "expected a Channel error, got {result:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // Many checks in a row neither leak channels nor wedge the connection.
+    for _ in 0..30 {
+        assert_eq!(
+            ssh.http_get(&address, healthy, "/health", DEADLINE).await,
+            Ok(200)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_dir_is_the_working_directory() {
+    let host = start_host(12, true);
+    let ssh = host.connect().await;
+    let root: &Path = host.session_dir.as_deref().unwrap();
+
+    let out = ssh.exec("pwd", None, DEADLINE).await.unwrap();
+    assert!(out.success(), "{out:?}");
+    assert_eq!(
+        PathBuf::from(out.stdout_text()),
+        root.canonicalize().unwrap()
+    );
+
+    // Relative paths land under the host's own root.
+    let out = ssh
+        .exec(
+            "mkdir -p app && cat > app/marker",
+            Some(Bytes::from_static(b"hello")),
+            DEADLINE,
+        )
+        .await
+        .unwrap();
+    assert!(out.success(), "{out:?}");
+    assert_eq!(std::fs::read(root.join("app/marker")).unwrap(), b"hello");
+
+    // The command line still reaches the shell intact, quoting and all.
+    let out = ssh
+        .exec("printf '%s|' 'a b' \"c\" && exit 4", None, DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(out.status, Some(4));
+    assert_eq!(out.stdout_text(), "a b|c|");
+}
+
+/// PIDs of the processes whose parent is `pid`: sshd forks one per connection.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command name: state, ppid, ...
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let ppid: u32 = after_name.split(' ').nth(1).unwrap().parse().unwrap();
+        if ppid == pid {
+            children.push(child);
+        }
+    }
+    children
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connection_is_reported_as_disconnected() {
+    let host = start_host(13, false);
+    let ssh = host.connect().await;
+    let connections = children_of(host.sshd.pid());
+    assert_eq!(connections.len(), 1, "one connection, one sshd child");
+
+    let running = tokio::spawn({
+        let ssh = ssh.clone();
+        async move { ssh.exec("sleep 10", None, DEADLINE).await }
+    });
+    // The server side of the connection dies, as when a host reboots mid-command.
+    for pid in connections {
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+    }
+    let started = Instant::now();
+    let result = running.await.unwrap();
+    assert!(
+        matches!(result, Err(TransportError::Disconnected(_))),
+        "expected Disconnected, got {result:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let again = ssh.exec("true", None, DEADLINE).await;
+    assert!(
+        matches!(again, Err(TransportError::Disconnected(_))),
+        "expected Disconnected, got {again:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_storm_past_max_startups_is_retried() {
+    let host = start_host(14, false);
+    let mut settings = host.settings();
+    // Far past MaxStartups 10:30:100, so sshd drops some handshakes and the connector must retry.
+    settings.max_concurrent_connects = 40;
+    settings.connect_timeout = Duration::from_secs(20);
+    let connector = Arc::new(SshConnector::new(settings).unwrap());
+
+    let connects = (0..40).map(|i| {
+        let connector = connector.clone();
+        let endpoint = host.endpoint();
+        async move {
+            let ssh = connector
+                .connect(&endpoint)
+                .await
+                .unwrap_or_else(|e| panic!("connect {i}: {e}"));
+            let out = ssh.exec("echo ok", None, DEADLINE).await.unwrap();
+            assert_eq!(out.stdout_text(), "ok");
+            ssh
+        }
+    });
+    let sessions = futures::future::join_all(connects).await;
+    assert_eq!(sessions.len(), 40);
+    let log = host.sshd_log();
+    assert_eq!(log.matches("Accepted publickey").count(), 40, "{log}");
+    // Whether sshd throttled depends on timing, so it is reported rather than asserted.
+    let throttled: Vec<&str> = log.lines().filter(|l| l.contains("MaxStartups")).collect();
+    eprintln!("sshd MaxStartups: {throttled:?}");
+}
+
+/// A private ssh-agent holding `key`, killed by PID when dropped.
+struct Agent {
+    child: std::process::Child,
+    socket: PathBuf,
+}
+
+impl Agent {
+    fn start(dir: &Path, key: &ClientKey) -> Agent {
+        let socket = dir.join("agent.sock");
+        let child = std::process::Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&socket)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut agent = Agent { child, socket };
+        let started = Instant::now();
+        while !agent.socket.exists() {
+            assert!(
+                agent.child.try_wait().unwrap().is_none(),
+                "ssh-agent exited"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no agent socket"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let added = std::process::Command::new("ssh-add")
+            .arg("-q")
+            .arg(&key.private_key)
+            .env("SSH_AUTH_SOCK", &agent.socket)
+            .output()
+            .unwrap();
+        assert!(added.status.success(), "ssh-add: {added:?}");
+        agent
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// SshConnector finds the agent through SSH_AUTH_SOCK, and changing the environment of this
+/// multi-threaded test process would race with the other tests; so the agent half runs in a
+/// child process of this same test binary that starts with the variable set.
+#[test]
+fn authenticates_through_ssh_agent() {
+    let host = start_host(15, false);
+    let agent = Agent::start(host.dir.path(), &host.key);
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "agent_child", "--ignored", "--nocapture"])
+        .env("SSH_AUTH_SOCK", &agent.socket)
+        .env("ROLLER_TEST_AGENT_HOST", host.sshd.address())
+        .env("ROLLER_TEST_AGENT_PORT", host.sshd.port().to_string())
+        .env("ROLLER_TEST_AGENT_KNOWN_HOSTS", &host.known_hosts)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && text.contains("1 passed"),
+        "agent child failed:\n{text}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        host.sshd_log().contains("Accepted publickey"),
+        "{}",
+        host.sshd_log()
+    );
+}
+
+#[tokio::test]
+#[ignore = "run by authenticates_through_ssh_agent in a child process"]
+async fn agent_child() {
+    let Ok(address) = std::env::var("ROLLER_TEST_AGENT_HOST") else {
+        panic!("only meaningful when started by authenticates_through_ssh_agent");
+    };
+    let port: u16 = std::env::var("ROLLER_TEST_AGENT_PORT")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let known_hosts = PathBuf::from(std::env::var("ROLLER_TEST_AGENT_KNOWN_HOSTS").unwrap());
+    let settings = SshSettings::new(current_user(), None, known_hosts);
+    let ssh = SshConnector::new(settings)
+        .unwrap()
+        .connect(&Endpoint {
+            name: "agent-host".into(),
+            address,
+            port,
+        })
+        .await
+        .unwrap();
+    let out = ssh.exec("echo via agent", None, DEADLINE).await.unwrap();
+    assert_eq!(out.stdout_text(), "via agent");
+}
