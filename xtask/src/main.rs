@@ -1,2 +1,359 @@
-//! Developer tasks: `cargo xtask fleet|demo|bench|ci`.
-fn main() {}
+//! Developer tasks: `cargo xtask fleet|demo|ci`.
+//!
+//! Lives in the workspace (not in shell scripts) so the demo uses exactly the fleet code that
+//! roller's integration tests use, and works wherever cargo does.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use roller_fleet::{Fleet, FleetSpec, HostStatus, JarSpec, Load, LoadOptions, Role, proc};
+
+/// `cargo xtask fleet up` lives at 127.77.0.x and the demo at 127.77.1.x, so both can run at
+/// once; test fleets never use 127.77.x.x.
+const FLEET_NET: [u8; 2] = [77, 0];
+const DEMO_NET: [u8; 2] = [77, 1];
+const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+const CI_STEP_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "roller's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// A local fleet (sshd per host, nginx, JVM apps on loopback) that stays up between commands.
+    Fleet {
+        #[command(subcommand)]
+        action: FleetAction,
+    },
+    /// Fleet up, roll v2 out with roller under client load, report dropped requests.
+    Demo {
+        #[arg(long, default_value_t = 4)]
+        hosts: usize,
+        /// Leave the fleet running afterwards (stop it with `cargo xtask fleet down --root ...`).
+        #[arg(long)]
+        keep: bool,
+        /// Defaults to target/fleet-demo.
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Concurrent load-generator clients.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+    },
+    /// What CI runs: fmt check, clippy with warnings denied, all tests.
+    Ci,
+}
+
+#[derive(Subcommand)]
+enum FleetAction {
+    /// Start a fleet with v1 live and leave it running.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        hosts: usize,
+        /// Defaults to target/fleet.
+        #[arg(long)]
+        root: Option<PathBuf>,
+    },
+    /// Stop the fleet's processes (by the PIDs it recorded).
+    Down {
+        #[arg(long)]
+        root: Option<PathBuf>,
+    },
+    /// One line per host: sshd, app, live release, health.
+    Status {
+        #[arg(long)]
+        root: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Fleet { action } => fleet(action),
+        Task::Demo {
+            hosts,
+            keep,
+            root,
+            clients,
+        } => demo(hosts, keep, root, clients),
+        Task::Ci => ci(),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+fn fleet(action: FleetAction) -> anyhow::Result<bool> {
+    let default_root = || roller_fleet::target_dir().join("fleet");
+    match action {
+        FleetAction::Up { hosts, root } => {
+            let root = root.unwrap_or_else(default_root);
+            println!(
+                "starting {hosts} app hosts and a load balancer in {}",
+                root.display()
+            );
+            let fleet = Fleet::up(FleetSpec::new(&root, hosts, FLEET_NET))?;
+            let v2 = fleet.jar(&JarSpec::healthy("v2"))?;
+            print_status(&fleet.status());
+            println!();
+            println!("inventory:     {}", fleet.inventory_path().display());
+            println!("load balancer: {}", fleet.lb_url());
+            println!("v2 jar:        {}", v2.display());
+            println!();
+            println!("next:");
+            println!(
+                "  cargo run --bin roller -- rollout --inventory {} --artifact {} --release v2 --batch 1",
+                fleet.inventory_path().display(),
+                v2.display()
+            );
+            println!(
+                "  cargo xtask fleet status{}",
+                root_flag(&root, &default_root())
+            );
+            println!(
+                "  cargo xtask fleet down{}",
+                root_flag(&root, &default_root())
+            );
+            fleet.detach();
+            Ok(true)
+        }
+        FleetAction::Down { root } => {
+            let root = root.unwrap_or_else(default_root);
+            if !root.join("state.json").exists() {
+                println!("no fleet recorded in {}", root.display());
+                return Ok(true);
+            }
+            let mut fleet = Fleet::attach(&root)?;
+            fleet.down();
+            let survivors: Vec<HostStatus> = fleet
+                .status()
+                .into_iter()
+                .filter(|s| s.sshd_alive || s.app_alive)
+                .collect();
+            if survivors.is_empty() {
+                println!("fleet in {} is down", root.display());
+                Ok(true)
+            } else {
+                print_status(&survivors);
+                bail!("some processes survived; see above")
+            }
+        }
+        FleetAction::Status { root } => {
+            let root = root.unwrap_or_else(default_root);
+            let fleet = Fleet::attach(&root)?;
+            print_status(&fleet.status());
+            println!();
+            println!("load balancer {} upstream file:", fleet.lb_url());
+            print!("{}", fleet.upstream_text());
+            Ok(true)
+        }
+    }
+}
+
+fn root_flag(root: &Path, default: &Path) -> String {
+    if root == default {
+        String::new()
+    } else {
+        format!(" --root {}", root.display())
+    }
+}
+
+fn print_status(rows: &[HostStatus]) {
+    println!(
+        "{:<8} {:<16} {:<14} {:<16} {:<9} HEALTH",
+        "HOST", "ADDRESS", "SSHD", "APP", "RELEASE"
+    );
+    for row in rows {
+        let process = |alive: bool, pid: Option<u32>, what: &str| match (alive, pid) {
+            (true, Some(pid)) => format!("{what} {pid}"),
+            _ => "down".to_string(),
+        };
+        let app = match row.role {
+            Role::Balancer => process(row.app_alive, row.app_pid, "nginx"),
+            Role::App => process(row.app_alive, row.app_pid, "java"),
+        };
+        println!(
+            "{:<8} {:<16} {:<14} {:<16} {:<9} {}",
+            row.name,
+            row.address,
+            process(row.sshd_alive, row.sshd_pid, "up"),
+            app,
+            row.live_release.as_deref().unwrap_or("-"),
+            row.health.map_or("-".to_string(), |s| s.to_string()),
+        );
+    }
+}
+
+fn demo(hosts: usize, keep: bool, root: Option<PathBuf>, clients: usize) -> anyhow::Result<bool> {
+    let root = root.unwrap_or_else(|| roller_fleet::target_dir().join("fleet-demo"));
+    // Compile roller before the fleet is up, so the rollout is not timed against a build.
+    println!("building roller...");
+    let built = proc::wait_child(
+        &mut Command::new(cargo())
+            .args(["build", "--quiet", "--bin", "roller"])
+            .current_dir(workspace_root())
+            .spawn()
+            .context("running cargo build")?,
+        CI_STEP_TIMEOUT,
+    )?;
+    if !built.success() {
+        bail!("cargo build --bin roller failed ({built})");
+    }
+
+    println!(
+        "starting {hosts} app hosts and a load balancer in {}",
+        root.display()
+    );
+    let mut fleet = Fleet::up(FleetSpec::new(&root, hosts, DEMO_NET))?;
+    let v2 = fleet.jar(&JarSpec::healthy("v2"))?;
+    print_status(&fleet.status());
+
+    let load = Load::start_with(&fleet.lb_url(), LoadOptions::new(clients));
+    if !load.wait_for_requests(50, Duration::from_secs(30)) {
+        bail!(
+            "load generator got no traffic through {}: {:?}",
+            fleet.lb_url(),
+            load.snapshot()
+        );
+    }
+    println!(
+        "\n{clients} clients are sending requests to {}; rolling out v2...\n",
+        fleet.lb_url()
+    );
+
+    let mut rollout = Command::new(cargo());
+    rollout
+        .args([
+            "run",
+            "--quiet",
+            "--bin",
+            "roller",
+            "--",
+            "rollout",
+            "--inventory",
+        ])
+        .arg(fleet.inventory_path())
+        .arg("--artifact")
+        .arg(&v2)
+        .args(["--release", "v2", "--batch", "1"])
+        .current_dir(workspace_root());
+    let status = proc::wait_child(
+        &mut rollout.spawn().context("running roller")?,
+        ROLLOUT_TIMEOUT,
+    );
+
+    // A little traffic after the rollout shows what the fleet serves now.
+    let after = load.snapshot().ok + 50;
+    load.wait_for_requests(after, Duration::from_secs(30));
+    let report = load.stop();
+
+    println!();
+    print_status(&fleet.status());
+    println!();
+    let mut ok = true;
+    match &status {
+        Ok(s) if s.success() => println!("rollout: succeeded"),
+        Ok(s) => {
+            println!("rollout: FAILED ({s})");
+            ok = false;
+        }
+        Err(e) => {
+            println!("rollout: FAILED ({e:#})");
+            ok = false;
+        }
+    }
+    for host in fleet.host_names() {
+        let release = fleet.live_release(&host);
+        let version = fleet.app_version(&host);
+        println!(
+            "  {host}: live release {}, serving {}",
+            release.as_deref().unwrap_or("-"),
+            version.as_deref().unwrap_or("nothing")
+        );
+        if matches!(&status, Ok(s) if s.success()) && version.as_deref() != Some("v2") {
+            ok = false;
+        }
+    }
+    println!(
+        "requests: {} ok, {} failed in {:.1}s",
+        report.ok,
+        report.failed,
+        report.elapsed.as_secs_f64()
+    );
+    for (version, count) in &report.versions {
+        println!("  served by {version}: {count}");
+    }
+    for failure in &report.failures {
+        println!("  failed: {failure}");
+    }
+    if report.failed > 0 {
+        ok = false;
+    }
+
+    if keep {
+        println!(
+            "\nfleet left running; stop it with: cargo xtask fleet down --root {}",
+            root.display()
+        );
+        fleet.detach();
+    } else {
+        fleet.down();
+    }
+    println!("\ndemo {}", if ok { "passed" } else { "FAILED" });
+    Ok(ok)
+}
+
+fn ci() -> anyhow::Result<bool> {
+    let steps: [&[&str]; 3] = [
+        &["fmt", "--all", "--", "--check"],
+        &[
+            "clippy",
+            "--all-targets",
+            "--workspace",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &["test", "--workspace"],
+    ];
+    for args in steps {
+        println!("==> cargo {}", args.join(" "));
+        let status = proc::wait_child(
+            &mut Command::new(cargo())
+                .args(args)
+                .current_dir(workspace_root())
+                .spawn()
+                .context("running cargo")?,
+            CI_STEP_TIMEOUT,
+        )?;
+        if !status.success() {
+            println!("==> cargo {} failed ({status})", args.join(" "));
+            return Ok(false);
+        }
+    }
+    println!("==> all green");
+    Ok(true)
+}
