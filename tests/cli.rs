@@ -1,0 +1,169 @@
+//! The `roller` binary as users and release jobs call it: output, exit codes, error messages.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn roller(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_roller"))
+        .args(args)
+        .env("HOME", "/home/deploy")
+        .output()
+        .expect("run roller")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn example() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/inventory.example.toml").to_string()
+}
+
+/// A jar-shaped file with fixed content, so the release name and checksum are stable.
+fn jar(dir: &Path) -> String {
+    let path = dir.join("shop-2.4.0.jar");
+    std::fs::write(&path, b"PK\x03\x04 a stable jar for snapshots").unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn plan_prints_every_command_and_upstream_file_offline() {
+    let out = roller(&[
+        "plan",
+        "--inventory",
+        &example(),
+        "--release",
+        "2024-06-01.1",
+        "--batch",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    insta::assert_snapshot!(text(&out.stdout));
+}
+
+#[test]
+fn plan_json_is_one_document_with_the_derived_release_and_checksum() {
+    let dir = tempfile::tempdir().unwrap();
+    let jar = jar(dir.path());
+    let out = roller(&[
+        "plan",
+        "-i",
+        &example(),
+        "--artifact",
+        &jar,
+        "--batch",
+        "50%",
+        "--output",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sha = plan["artifact"]["sha256"].as_str().unwrap();
+    assert_eq!(sha.len(), 64);
+    assert_eq!(
+        plan["release"].as_str().unwrap(),
+        format!("shop-2.4.0-{}", &sha[..12])
+    );
+    assert_eq!(plan["batches"].as_array().unwrap().len(), 2);
+    let phases: Vec<&str> = plan["batches"][0]["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "remove-from-pool",
+            "drain",
+            "switch",
+            "restart",
+            "health-check",
+            "return-to-pool"
+        ]
+    );
+    let upload = plan["stage"]["steps"][0]["action"]["upload"]
+        .as_str()
+        .unwrap();
+    assert!(upload.contains(sha), "{upload}");
+}
+
+#[test]
+fn a_bad_inventory_exits_2_naming_every_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let inv = dir.path().join("roller.toml");
+    std::fs::write(
+        &inv,
+        "[ssh]\nuser = \"x\"\nport = 0\n[app]\nname = \"shop\"\ndir = \"/opt\"\nrestart = \"r\"\nport = 1\n[balancer]\nhosts = [\"lb\"]\nupstream_file = \"/f\"\nreload = 5\n",
+    )
+    .unwrap();
+    let out = roller(&["plan", "-i", inv.to_str().unwrap(), "--release", "v1"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains(inv.to_str().unwrap()), "{err}");
+    for key in [
+        "ssh.port",
+        "balancer.reload: must be a string",
+        "hosts: missing",
+    ] {
+        assert!(err.contains(key), "{key} not in {err}");
+    }
+}
+
+#[test]
+fn bad_flags_and_artifacts_exit_2_before_any_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_jar = dir.path().join("app.jar");
+    std::fs::write(&not_a_jar, "#!/bin/sh\n").unwrap();
+    let cases: [(&[&str], &str); 6] = [
+        (&["--batch", "0"], "at least one host"),
+        (&["--batch", "2"], "takes all 2 host(s) out of the pool"),
+        (&["--release", "../etc"], "--release"),
+        (&["--artifact", "/nonexistent.jar"], "/nonexistent.jar"),
+        (&["--artifact", not_a_jar.to_str().unwrap()], "is not a jar"),
+        (&["rollout"], "--artifact: a rollout needs the jar"),
+    ];
+    for (extra, expected) in cases {
+        let inv = example();
+        let command = if extra.contains(&"rollout") {
+            "rollout"
+        } else {
+            "plan"
+        };
+        let extra: Vec<&str> = extra.iter().copied().filter(|a| *a != "rollout").collect();
+        let mut args = vec![command, "-i", &inv];
+        if !extra.contains(&"--release") && !extra.contains(&"--artifact") {
+            args.extend(["--release", "v1"]);
+        }
+        args.extend(&extra);
+        let out = roller(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).contains(expected),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn json_errors_are_machine_readable() {
+    let out = roller(&[
+        "plan",
+        "-i",
+        "/nonexistent/roller.toml",
+        "--release",
+        "v1",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["event"], "error");
+    assert_eq!(doc["error"]["kind"], "inventory");
+}
