@@ -528,21 +528,21 @@ impl Reader {
                     format!("{address:?} is not a host name or IP address"),
                 );
             }
-            if !name.is_empty() {
-                if let Some(first) = names.insert(name.clone(), i) {
-                    self.problem(
-                        join(&section, "name"),
-                        format!("duplicate {name:?} (also hosts[{first}].name)"),
-                    );
-                }
+            if !name.is_empty()
+                && let Some(first) = names.insert(name.clone(), i)
+            {
+                self.problem(
+                    join(&section, "name"),
+                    format!("duplicate {name:?} (also hosts[{first}].name)"),
+                );
             }
-            if !address.is_empty() {
-                if let Some(first) = addresses.insert(address.clone(), i) {
-                    self.problem(
-                        join(&section, "address"),
-                        format!("duplicate {address:?} (also hosts[{first}].address)"),
-                    );
-                }
+            if !address.is_empty()
+                && let Some(first) = addresses.insert(address.clone(), i)
+            {
+                self.problem(
+                    join(&section, "address"),
+                    format!("duplicate {address:?} (also hosts[{first}].address)"),
+                );
             }
             hosts.push(Host { name, address });
         }

@@ -11,8 +11,8 @@ use roller::health::HttpOverSsh;
 use roller::inventory::Inventory;
 use roller::plan::{Artifact, BatchSize, Plan, PlanInput};
 use roller::report::{Event, HostOutcome, Outcome, Reporter, RolloutReport, StepState};
+use roller::transport::TransportError;
 use roller::transport::memory::{Call, MemoryFleet, fail, ok};
-use roller::transport::{ExecOutput, TransportError};
 
 const INVENTORY: &str = r#"
 [ssh]
