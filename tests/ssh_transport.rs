@@ -4,110 +4,24 @@
 //! Every test runs its own sshd on its own loopback address (127.79.<n>.1) in a tempdir; the
 //! `Sshd` guard stops it by PID when the test ends, pass or fail.
 
-use std::net::TcpListener as StdTcpListener;
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use roller::transport::ssh::{SshConnector, SshSettings};
-use roller::transport::{Connector, Endpoint, Transport, TransportError};
-use roller_fleet::sshd::{ClientKey, Sshd, SshdSpec, generate_client_key};
+use roller::transport::{Connector, Endpoint, TransportError};
+use roller_fleet::sshd::{ClientKey, generate_client_key};
 use sha2::{Digest, Sha256};
-use tempfile::TempDir;
+use support::{Host, children_of, current_user, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-struct Host {
-    sshd: Sshd,
-    key: ClientKey,
-    known_hosts: PathBuf,
-    session_dir: Option<PathBuf>,
-    dir: TempDir,
-}
-
-/// sshd can only log in as the user running it unless that user is root.
-fn current_user() -> String {
-    let out = std::process::Command::new("id")
-        .arg("-un")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-/// A port that was free on `address` a moment ago; a fixed port could collide with an sshd left
-/// behind by an earlier, killed test run.
-fn free_port(address: &str) -> u16 {
-    StdTcpListener::bind((address, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start_host(n: u8, with_session_dir: bool) -> Host {
-    let dir = tempfile::tempdir().unwrap();
-    let key = generate_client_key(&dir.path().join("client/id_ed25519")).unwrap();
-    let authorized_keys = dir.path().join("authorized_keys");
-    std::fs::write(&authorized_keys, format!("{}\n", key.public_key_line)).unwrap();
-    let session_dir = with_session_dir.then(|| {
-        let root = dir.path().join("root");
-        std::fs::create_dir_all(&root).unwrap();
-        root
-    });
-    let address = format!("127.79.{n}.1");
-    let port = free_port(&address);
-    let sshd = Sshd::start(SshdSpec {
-        dir: dir.path().join("sshd"),
-        address,
-        port,
-        authorized_keys,
-        session_dir: session_dir.clone(),
-    })
-    .unwrap();
-    let known_hosts = dir.path().join("known_hosts");
-    std::fs::write(&known_hosts, format!("{}\n", sshd.known_hosts_line())).unwrap();
-    Host {
-        sshd,
-        key,
-        known_hosts,
-        session_dir,
-        dir,
-    }
-}
-
-impl Host {
-    fn settings(&self) -> SshSettings {
-        let mut settings = SshSettings::new(
-            current_user(),
-            Some(self.key.private_key.clone()),
-            self.known_hosts.clone(),
-        );
-        settings.connect_timeout = Duration::from_secs(10);
-        settings
-    }
-
-    fn endpoint(&self) -> Endpoint {
-        Endpoint {
-            name: format!("host-{}", self.sshd.address()),
-            address: self.sshd.address().to_string(),
-            port: self.sshd.port(),
-        }
-    }
-
-    async fn connect(&self) -> Arc<dyn Transport> {
-        SshConnector::new(self.settings())
-            .unwrap()
-            .connect(&self.endpoint())
-            .await
-            .unwrap()
-    }
-
-    fn sshd_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("sshd/sshd.log")).unwrap_or_default()
-    }
+    support::start_host(&format!("127.79.{n}.1"), with_session_dir)
 }
 
 /// Deterministic, incompressible-looking bytes (xorshift), so corruption cannot hide in runs.
@@ -525,26 +439,6 @@ async fn session_dir_is_the_working_directory() {
         .unwrap();
     assert_eq!(out.status, Some(4));
     assert_eq!(out.stdout_text(), "a b|c|");
-}
-
-/// PIDs of the processes whose parent is `pid`: sshd forks one per connection.
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut children = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // Fields after the parenthesised command name: state, ppid, ...
-        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-        let ppid: u32 = after_name.split(' ').nth(1).unwrap().parse().unwrap();
-        if ppid == pid {
-            children.push(child);
-        }
-    }
-    children
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -592,6 +592,52 @@ impl Fleet {
             .unwrap_or_else(|| panic!("{host} has no sshd"))
     }
 
+    /// Kills the sshd of an app host or of [`LB_NAME`] together with the processes serving its
+    /// connections, so every SSH connection to that host drops and new ones are refused, as
+    /// when a host's sshd crashes. The app and nginx keep serving. By PID, with bounded waits;
+    /// a no-op when that sshd is already gone. The PID stays recorded, so `status` shows it dead
+    /// and [`Fleet::restart_sshd`] brings it back.
+    pub fn kill_sshd(&self, host: &str) {
+        let host = self.host(host);
+        if let Some(pid) = host.sshd_pid
+            && proc::belongs_to(pid, &host.sshd_dir())
+            && !sshd::kill_with_connections(pid)
+        {
+            eprintln!("roller-fleet: sshd {pid} of {} survived SIGKILL", host.name);
+        }
+    }
+
+    /// Starts a host's sshd again on the same address and port with the same host key and
+    /// config (stopping it first if it still runs), and records the new PID in `state.json` so
+    /// that `down`, and a later process attaching to the fleet, stop this one.
+    pub fn restart_sshd(&mut self, host: &str) -> anyhow::Result<()> {
+        self.kill_sshd(host);
+        let state = self.host(host).clone();
+        // Reaps the killed listener if this process started it.
+        if let Some(old) = state.sshd_pid
+            && let Some(i) = self.sshds.iter().position(|s| s.pid() == old)
+        {
+            self.sshds.remove(i).stop();
+        }
+        let sshd = Sshd::start(SshdSpec {
+            dir: state.sshd_dir(),
+            address: state.address.clone(),
+            port: self.state.spec.ssh_port,
+            authorized_keys: self.root().join("keys").join("authorized_keys"),
+            session_dir: Some(state.dir.clone()),
+        })
+        .with_context(|| format!("restarting sshd for {}", state.name))?;
+        let pid = sshd.pid();
+        if self.owned {
+            self.sshds.push(sshd);
+        } else {
+            // An attached fleet is not stopped on drop; neither is what it restarts.
+            sshd.detach();
+        }
+        self.host_mut(host).sshd_pid = Some(pid);
+        self.save_state()
+    }
+
     /// Waits until every app host answers its health check with 200.
     pub fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
@@ -661,6 +707,18 @@ impl Fleet {
             .iter()
             .find(|h| h.name == name)
             .unwrap_or_else(|| panic!("no host {name:?} in the fleet at {}", self.root().display()))
+    }
+
+    fn host_mut(&mut self, name: &str) -> &mut HostState {
+        if name == LB_NAME {
+            return &mut self.state.lb;
+        }
+        let root = self.state.spec.root.clone();
+        self.state
+            .hosts
+            .iter_mut()
+            .find(|h| h.name == name)
+            .unwrap_or_else(|| panic!("no host {name:?} in the fleet at {}", root.display()))
     }
 
     fn nginx(&self) -> Nginx {

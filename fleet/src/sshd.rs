@@ -329,10 +329,9 @@ fn signal(pid: u32, sig: libc::c_int) {
 /// Stops a detached sshd by PID (e.g. `cargo xtask fleet down`), waiting up to the same grace
 /// period as [`Sshd::stop`] before SIGKILL. Returns whether the process is gone.
 pub fn stop_pid(pid: u32) -> bool {
-    let alive = |pid: u32| {
-        // SAFETY: signal 0 only checks for existence and permission.
-        libc::pid_t::try_from(pid).is_ok_and(|p| p > 0 && unsafe { libc::kill(p, 0) } == 0)
-    };
+    // Not kill(pid, 0): that succeeds on a zombie, and an orphaned sshd may stay one for as long
+    // as init takes to reap it, which would turn every stop into a full timeout.
+    let alive = crate::proc::alive;
     if !alive(pid) {
         return true;
     }
@@ -353,6 +352,60 @@ pub fn stop_pid(pid: u32) -> bool {
         std::thread::sleep(POLL);
     }
     false
+}
+
+/// Kills the sshd listening as `listener` and every sshd process serving a connection it
+/// accepted, so that every SSH connection to the host drops at once, as when a host's sshd
+/// crashes or the network cuts it off. Stopping the listener alone would not do: each
+/// connection has processes of its own that outlive it. Commands those connections were
+/// running are left alone, as a crash would leave them. Returns whether all of them are gone,
+/// after bounded waits.
+pub fn kill_with_connections(listener: u32) -> bool {
+    use crate::proc;
+    if !proc::alive(listener) {
+        return true;
+    }
+    // Frozen first, and only then searched: a listener that dies is no longer anyone's parent,
+    // and a running one could fork a connection between the search and the kill.
+    proc::signal(listener, libc::SIGSTOP);
+    let frozen = Instant::now();
+    while !is_stopped(listener) && proc::alive(listener) && frozen.elapsed() < STOP_GRACE {
+        std::thread::sleep(POLL);
+    }
+    let mut doomed = vec![listener];
+    let mut next = 0;
+    while next < doomed.len() {
+        let parent = doomed[next];
+        next += 1;
+        // Per connection: a privileged monitor and its unprivileged child, both sshd.
+        let connections: Vec<u32> = proc::children(parent)
+            .into_iter()
+            .filter(|&pid| is_sshd(pid))
+            .collect();
+        doomed.extend(connections);
+    }
+    for &pid in &doomed {
+        proc::signal(pid, libc::SIGKILL);
+    }
+    doomed.iter().all(|&pid| proc::wait_gone(pid, STOP_GRACE))
+}
+
+/// Stopped by a signal (`T`), per /proc.
+fn is_stopped(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rfind(") ")
+            .is_some_and(|i| stat[i + 2..].starts_with('T'))
+    })
+}
+
+/// By executable rather than command line: sshd retitles its processes (`sshd: user@notty`),
+/// and ForceCommand scripts live under the sshd directory. Matches `sshd-session` and
+/// `sshd-auth` of newer OpenSSH too.
+fn is_sshd(pid: u32) -> bool {
+    fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
+        exe.file_name()
+            .is_some_and(|name| name.to_string_lossy().starts_with("sshd"))
+    })
 }
 
 fn is_root() -> bool {

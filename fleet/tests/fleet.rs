@@ -2,8 +2,9 @@
 //! nothing, so its promises (real sshd per host, v1 live, nginx balancing, clean shutdown) are
 //! checked here on their own.
 
-use std::process::Command;
-use std::time::Duration;
+use std::net::TcpStream;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
 use roller_fleet::{Fleet, FleetSpec, Load, LoadOptions, Role, proc};
 
@@ -67,32 +68,64 @@ fn two_host_fleet_comes_up_serves_v1_and_goes_down_cleanly() {
 
     // The real OpenSSH client, with strict host key checking, lands in each host's directory.
     for host in hosts.iter().map(String::as_str).chain(["lb"]) {
-        let out = Command::new("ssh")
-            .arg("-i")
-            .arg(fleet.identity_path())
-            .arg("-o")
-            .arg(format!(
-                "UserKnownHostsFile={}",
-                fleet.known_hosts_path().display()
-            ))
-            .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
-            .args(["-o", "ConnectTimeout=10", "-p", "2222"])
-            .arg(format!("{}@{}", fleet.user(), fleet.host_address(host)))
-            .arg("pwd")
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ssh {host}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let dir = fleet.host_dir(host).canonicalize().unwrap();
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim(),
-            dir.to_str().unwrap()
-        );
+        assert_ssh_lands_in_host_dir(&fleet, host);
     }
+
+    // A host's sshd dies with its connections; the app behind it does not notice.
+    let old_sshd = fleet.sshd_pid("web-1");
+    let marker = fleet.host_dir("web-1").join("session-started");
+    let session = Command::new("ssh")
+        .args(ssh_args(&fleet, "web-1"))
+        .arg("echo $$ > session-started.partial && mv session-started.partial session-started && exec sleep 60")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut session = KillOnDrop(session);
+    wait_for(|| marker.exists(), "the ssh session to start");
+    let command: u32 = std::fs::read_to_string(&marker)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let connections = proc::children(old_sshd);
+    assert_eq!(connections.len(), 1, "one connection, one sshd child");
+    fleet.kill_sshd("web-1");
+    assert!(!proc::alive(old_sshd), "listener survived kill_sshd");
+    assert!(
+        !proc::alive(connections[0]),
+        "connection survived kill_sshd"
+    );
+    // The client sees its connection drop rather than waiting out the remote `sleep 60`,
+    // which, as after a crash of sshd, is left running.
+    let ended = proc::wait_child(&mut session.0, Duration::from_secs(10)).unwrap();
+    assert!(!ended.success(), "ssh ended with {ended}");
+    assert!(proc::alive(command));
+    assert!(proc::terminate(command, Duration::from_secs(5)));
+    let refused = TcpStream::connect_timeout(
+        &format!("{}:2222", fleet.host_address("web-1"))
+            .parse()
+            .unwrap(),
+        Duration::from_secs(3),
+    );
+    assert_eq!(
+        refused.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionRefused)
+    );
+    assert_eq!(fleet.app_health("web-1"), Some(200));
+    assert!(fleet.status()[1].app_alive && !fleet.status()[1].sshd_alive);
+    assert_ssh_lands_in_host_dir(&fleet, "web-2");
+
+    // Back with the same key (the strict client accepts it) and a recorded new PID.
+    fleet.restart_sshd("web-1").unwrap();
+    let new_sshd = fleet.sshd_pid("web-1");
+    assert_ne!(new_sshd, old_sshd);
+    assert!(proc::alive(new_sshd));
+    assert_ssh_lands_in_host_dir(&fleet, "web-1");
+    let recorded = Fleet::attach(fleet.root()).unwrap();
+    assert_eq!(recorded.sshd_pid("web-1"), new_sshd);
+    pids.push(new_sshd);
 
     let inventory = std::fs::read_to_string(fleet.inventory_path()).unwrap();
     assert!(inventory.contains("dir = \"shop\""), "{inventory}");
@@ -105,4 +138,64 @@ fn two_host_fleet_comes_up_serves_v1_and_goes_down_cleanly() {
         assert!(!proc::alive(pid), "pid {pid} survived down");
     }
     fleet.down(); // idempotent
+}
+
+/// `ssh` options for a strict, non-interactive login to `host` of `fleet`.
+fn ssh_args(fleet: &Fleet, host: &str) -> Vec<String> {
+    vec![
+        "-i".into(),
+        fleet.identity_path().display().to_string(),
+        "-o".into(),
+        format!("UserKnownHostsFile={}", fleet.known_hosts_path().display()),
+        "-o".into(),
+        "StrictHostKeyChecking=yes".into(),
+        "-o".into(),
+        "BatchMode=yes".into(),
+        "-o".into(),
+        "ConnectTimeout=10".into(),
+        "-p".into(),
+        "2222".into(),
+        format!("{}@{}", fleet.user(), fleet.host_address(host)),
+    ]
+}
+
+fn assert_ssh_lands_in_host_dir(fleet: &Fleet, host: &str) {
+    let out = Command::new("ssh")
+        .args(ssh_args(fleet, host))
+        .arg("pwd")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ssh {host}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = fleet.host_dir(host).canonicalize().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        dir.to_str().unwrap()
+    );
+}
+
+/// Polls `condition` for up to 10 s.
+fn wait_for(condition: impl Fn() -> bool, what: &str) {
+    let started = Instant::now();
+    while !condition() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A client process that must not outlive a failed assertion.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

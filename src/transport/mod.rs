@@ -4,6 +4,7 @@
 //! real SSH in production and over an in-memory fake in unit tests.
 
 pub mod memory;
+pub mod reconnect;
 pub mod ssh;
 
 use std::sync::Arc;
