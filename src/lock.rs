@@ -1,0 +1,715 @@
+//! The deploy lock: a rollout changes live production state, so two must never run at once.
+//!
+//! The lock is a file, `<state_dir>/<app>.lock`, on the first load balancer, and every check and
+//! change of it is one `sh` command over the [`Transport`] that holds `flock(1)` on
+//! `<state_dir>/<app>.lock.mutex` while it runs. Check-and-set is therefore atomic on that host,
+//! whichever controller machines race for it. Times are the load balancer's own `date +%s`, so
+//! skew between controllers' clocks cannot make a live lease look expired.
+//!
+//! A holder keeps its lock alive by renewing a lease ([`LeaseKeeper`]); a controller that died
+//! leaves a lease that runs out, and the next rollout takes it over ([`Acquired::TookOver`])
+//! instead of needing a human. `roller unlock` ([`unlock`]) is the human's override.
+//!
+//! The lock file is `key=value` lines, in this order, written whole to `<app>.lock.new` and
+//! renamed over the lock so a reader never sees half of one:
+//!
+//! ```text
+//! token=<32 hex digits, unique per rollout>
+//! owner=<user>@<controller host name>
+//! pid=<controller pid>
+//! release=<release being rolled out>
+//! started=<unix seconds, load-balancer clock>
+//! lease_until=<unix seconds, load-balancer clock>
+//! ```
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep, sleep_until};
+
+use crate::remote::quote;
+use crate::transport::{ExecOutput, Transport, TransportError};
+
+/// Bounds each lock command; generous because the command may queue behind other controllers
+/// on the mutex (each holds it for milliseconds, but the host may be slow).
+pub const COMMAND_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a command waits for the mutex on the load balancer before giving up; below
+/// [`COMMAND_DEADLINE`] so that the host reports why instead of our timer cutting it off.
+const MUTEX_WAIT_SECS: u32 = 10;
+/// How often [`acquire`] asks again while waiting for another rollout to finish.
+pub const WAIT_POLL: Duration = Duration::from_secs(1);
+/// After a failed renewal, retry sooner than the regular period so that one lost packet does
+/// not eat a whole third of the lease.
+const RENEW_RETRY: Duration = Duration::from_secs(1);
+/// Exit status our scripts use for a problem they explain on stderr.
+const SCRIPT_FAILURE: u32 = 3;
+
+/// Who holds (or wants) the lock, as recorded in the lock file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LockInfo {
+    /// Unique per rollout; the only thing that identifies the holder. Keep it (in the journal)
+    /// to resume a rollout: re-acquiring with the same token succeeds.
+    pub token: String,
+    /// `user@host` of the controller, for humans.
+    pub owner: String,
+    /// The controller's process id, for humans.
+    pub pid: u32,
+    pub release: String,
+    /// When this token first took the lock, unix seconds on the load balancer's clock.
+    pub started: u64,
+    /// The lease runs out after this second (load balancer's clock) unless renewed.
+    pub lease_until: u64,
+}
+
+impl LockInfo {
+    /// A would-be holder for a new rollout of `release`: a fresh token, this user, host and
+    /// process. `started` and `lease_until` are 0 until the load balancer fills them in.
+    pub fn new_for(release: &str) -> LockInfo {
+        LockInfo {
+            token: new_token(),
+            owner: local_owner(),
+            pid: std::process::id(),
+            release: one_line(release),
+            started: 0,
+            lease_until: 0,
+        }
+    }
+
+    /// Reads the fields of a lock file; missing or garbled fields become empty / 0 rather than an
+    /// error, because a damaged lock must still be shown to the operator who has to remove it.
+    fn from_fields(fields: &HashMap<String, String>) -> LockInfo {
+        let text = |k: &str| fields.get(k).cloned().unwrap_or_default();
+        let number = |k: &str| fields.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+        LockInfo {
+            token: text("token"),
+            owner: text("owner"),
+            pid: fields.get("pid").and_then(|v| v.parse().ok()).unwrap_or(0),
+            release: text("release"),
+            started: number("started"),
+            lease_until: number("lease_until"),
+        }
+    }
+}
+
+impl std::fmt::Display for LockInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (pid {}) rolling out {} since {}, lease until {} (token {})",
+            self.owner,
+            self.pid,
+            self.release,
+            timestamp(self.started),
+            timestamp(self.lease_until),
+            self.token
+        )
+    }
+}
+
+/// Which lock, and how long a lease lasts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockSpec {
+    /// `balancer.state_dir`: absolute, or relative to the SSH login directory. Created by
+    /// [`acquire`] if missing.
+    pub state_dir: String,
+    /// The application name; the lock file is `<state_dir>/<app>.lock`.
+    pub app: String,
+    /// How long a lock stays valid without renewal; rounded up to whole seconds, at least 1.
+    pub lease: Duration,
+}
+
+impl LockSpec {
+    fn lease_secs(&self) -> u64 {
+        let secs = self.lease.as_secs() + u64::from(self.lease.subsec_nanos() > 0);
+        secs.max(1)
+    }
+
+    /// The shell prologue every command starts with: names the files. Only values quoted here
+    /// ever reach the shell; everything after refers to `$d` and `$f`.
+    fn files(&self) -> String {
+        format!(
+            "d={dir}; f=\"$d\"/{file}; ",
+            dir = quote(&self.state_dir),
+            file = quote(&format!("{}.lock", self.app)),
+        )
+    }
+}
+
+/// How [`acquire`] got the lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquired {
+    /// Nobody held it.
+    Fresh,
+    /// This token held it already (a resumed rollout); `started` is kept from the first time.
+    Resumed,
+    /// Another holder's lease had run out; journal who that was, its rollout may be half done.
+    TookOver { expired: LockInfo },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("{}", held_message(holder, *now))]
+    Held {
+        holder: LockInfo,
+        /// The load balancer's clock when it said so.
+        now: u64,
+    },
+    #[error("{}", lost_message(holder.as_ref()))]
+    Lost { holder: Option<LockInfo> },
+    #[error("deploy lock: {0}")]
+    Transport(#[from] TransportError),
+    #[error("deploy lock: {0}")]
+    Remote(String),
+}
+
+fn held_message(holder: &LockInfo, now: u64) -> String {
+    format!(
+        "another rollout holds the deploy lock: {owner} (pid {pid}) is rolling out {release} since {started} ({ago} ago); \
+         its lease runs until {until} ({left}). Wait for it to finish (--wait), or, if that controller is gone, \
+         let the lease expire or run `roller unlock`",
+        owner = holder.owner,
+        pid = holder.pid,
+        release = holder.release,
+        started = timestamp(holder.started),
+        ago = humantime::format_duration(Duration::from_secs(now.saturating_sub(holder.started))),
+        until = timestamp(holder.lease_until),
+        left = match holder.lease_until.checked_sub(now) {
+            Some(left) => format!(
+                "{} left",
+                humantime::format_duration(Duration::from_secs(left))
+            ),
+            None => "expired".to_string(),
+        },
+    )
+}
+
+fn lost_message(holder: Option<&LockInfo>) -> String {
+    match holder {
+        Some(holder) => format!("deploy lock lost: it is now held by {holder}"),
+        None => "deploy lock lost: the lock file is gone (removed with `roller unlock`?)".into(),
+    }
+}
+
+fn timestamp(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+}
+
+/// Makes sure the state directory exists and is writable, then takes the mutex for the rest of
+/// the command (it is released when the shell exits and closes fd 9).
+fn locked_prologue(spec: &LockSpec, create: bool) -> String {
+    let missing = if create {
+        "mkdir -p -- \"$d\" 2>/dev/null; "
+    } else {
+        // Nothing to renew, release or remove, and no reason to create a directory for that.
+        "if [ ! -d \"$d\" ]; then echo result=absent; exit 0; fi; "
+    };
+    format!(
+        "{files}{missing}\
+         if [ ! -d \"$d\" ] || [ ! -w \"$d\" ]; then printf 'lock state directory %s cannot be created or is not writable\\n' \"$d\" >&2; exit {fail}; fi; \
+         command -v flock >/dev/null 2>&1 || {{ echo 'flock(1) from util-linux is not installed on the load balancer' >&2; exit {fail}; }}; \
+         exec 9>>\"$f.mutex\" || exit {fail}; \
+         flock -w {wait} 9 || {{ printf 'timed out after {wait}s waiting for %s\\n' \"$f.mutex\" >&2; exit {fail}; }}; \
+         now=$(date +%s); ",
+        files = spec.files(),
+        fail = SCRIPT_FAILURE,
+        wait = MUTEX_WAIT_SECS,
+    )
+}
+
+/// Prints the current lock file with every line prefixed `old.`, so it can share the output
+/// with the command's own `key=value` lines.
+const SHOW_OLD: &str = "sed 's/^/old./' \"$f\"; ";
+const READ_TOKEN: &str = "cur=$(sed -n 's/^token=//p' \"$f\"); ";
+const WRITE_FAILED: &str = "{ printf 'cannot write %s\\n' \"$f\" >&2; exit 3; }";
+
+/// Takes the lock for `me`, prints `result=fresh|resumed|took_over|held`, `now=`, and for
+/// every result but `held` the new `started=` and `lease_until=`; the previous lock, if any, as
+/// `old.` lines.
+pub fn acquire_command(spec: &LockSpec, me: &LockInfo) -> String {
+    format!(
+        "{prologue}tok={token}; started=$now; result=fresh; \
+         if [ -f \"$f\" ]; then {SHOW_OLD}{READ_TOKEN}\
+         if [ \"$cur\" = \"$tok\" ]; then result=resumed; s=$(sed -n 's/^started=//p' \"$f\"); \
+         case $s in ''|*[!0-9]*) ;; *) started=$s;; esac; \
+         else exp=$(sed -n 's/^lease_until=//p' \"$f\"); \
+         case $exp in ''|*[!0-9]*) printf 'lock file %s has no valid lease_until; inspect it and run roller unlock\\n' \"$f\" >&2; exit {fail};; esac; \
+         if [ \"$exp\" -ge \"$now\" ]; then echo result=held; echo now=$now; exit 0; fi; \
+         result=took_over; fi; fi; \
+         exp=$((now + {lease})); \
+         printf 'token=%s\\nowner=%s\\npid=%s\\nrelease=%s\\nstarted=%s\\nlease_until=%s\\n' \
+         \"$tok\" {owner} {pid} {release} \"$started\" \"$exp\" > \"$f.new\" && mv -f \"$f.new\" \"$f\" || {WRITE_FAILED}; \
+         echo result=$result; echo now=$now; echo started=$started; echo lease_until=$exp",
+        prologue = locked_prologue(spec, true),
+        token = quote(&one_line(&me.token)),
+        owner = quote(&one_line(&me.owner)),
+        pid = me.pid,
+        release = quote(&one_line(&me.release)),
+        lease = spec.lease_secs(),
+        fail = SCRIPT_FAILURE,
+    )
+}
+
+/// Extends the lease if `token` still holds the lock: prints `result=renewed` and the new
+/// `lease_until=`, or `result=lost` / `result=absent` with the current lock as `old.` lines.
+pub fn renew_command(spec: &LockSpec, token: &str) -> String {
+    format!(
+        "{prologue}tok={token}; \
+         if [ ! -f \"$f\" ]; then echo result=absent; exit 0; fi; {READ_TOKEN}\
+         if [ \"$cur\" != \"$tok\" ]; then echo result=lost; {SHOW_OLD}exit 0; fi; \
+         exp=$((now + {lease})); \
+         {{ grep -v '^lease_until=' \"$f\"; echo lease_until=$exp; }} > \"$f.new\" && mv -f \"$f.new\" \"$f\" || {WRITE_FAILED}; \
+         echo result=renewed; echo lease_until=$exp",
+        prologue = locked_prologue(spec, false),
+        token = quote(&one_line(token)),
+        lease = spec.lease_secs(),
+    )
+}
+
+/// Removes the lock only if `token` holds it: prints `result=released`, `result=absent`, or
+/// `result=lost` with the other holder as `old.` lines.
+pub fn release_command(spec: &LockSpec, token: &str) -> String {
+    format!(
+        "{prologue}tok={token}; \
+         if [ ! -f \"$f\" ]; then echo result=absent; exit 0; fi; {READ_TOKEN}\
+         if [ \"$cur\" != \"$tok\" ]; then echo result=lost; {SHOW_OLD}exit 0; fi; \
+         rm -f \"$f\" || exit {fail}; echo result=released",
+        prologue = locked_prologue(spec, false),
+        token = quote(&one_line(token)),
+        fail = SCRIPT_FAILURE,
+    )
+}
+
+/// Removes whatever lock is there (`roller unlock`): prints it as `old.` lines and
+/// `result=removed`, or `result=absent`.
+pub fn unlock_command(spec: &LockSpec) -> String {
+    format!(
+        "{prologue}if [ ! -f \"$f\" ]; then echo result=absent; exit 0; fi; \
+         {SHOW_OLD}rm -f \"$f\" || exit {fail}; echo result=removed",
+        prologue = locked_prologue(spec, false),
+        fail = SCRIPT_FAILURE,
+    )
+}
+
+/// Prints the lock as `old.` lines and `result=present`, or `result=absent`. Takes no mutex and
+/// creates nothing: the lock file is only ever replaced by rename, so it is read whole.
+pub fn read_command(spec: &LockSpec) -> String {
+    format!(
+        "{files}if [ -f \"$f\" ]; then {SHOW_OLD}echo result=present; else echo result=absent; fi",
+        files = spec.files(),
+    )
+}
+
+/// A command's `key=value` output: its own lines, and the lock file it showed (`old.` lines).
+#[derive(Debug, Default)]
+struct Reply {
+    fields: HashMap<String, String>,
+    old: HashMap<String, String>,
+}
+
+impl Reply {
+    fn result(&self) -> &str {
+        self.fields.get("result").map(String::as_str).unwrap_or("")
+    }
+
+    fn number(&self, key: &str, what: &str) -> Result<u64, LockError> {
+        self.fields
+            .get(key)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| LockError::Remote(format!("{what}: no valid {key} in the reply")))
+    }
+
+    fn old_lock(&self) -> Option<LockInfo> {
+        (!self.old.is_empty()).then(|| LockInfo::from_fields(&self.old))
+    }
+
+    fn unexpected(&self, what: &str) -> LockError {
+        LockError::Remote(format!("{what}: unexpected reply {:?}", self.result()))
+    }
+}
+
+async fn run(t: &dyn Transport, command: &str, what: &str) -> Result<Reply, LockError> {
+    run_within(t, command, what, COMMAND_DEADLINE).await
+}
+
+async fn run_within(
+    t: &dyn Transport,
+    command: &str,
+    what: &str,
+    deadline: Duration,
+) -> Result<Reply, LockError> {
+    let out = t.exec(command, None, deadline).await?;
+    parse_reply(&out, what)
+}
+
+fn parse_reply(out: &ExecOutput, what: &str) -> Result<Reply, LockError> {
+    if !out.success() {
+        let status = out
+            .status
+            .map_or_else(|| "no exit status".to_string(), |s| format!("exit {s}"));
+        let stderr = out.stderr_text();
+        let detail = if stderr.is_empty() {
+            status
+        } else {
+            format!("{stderr} ({status})")
+        };
+        return Err(LockError::Remote(format!("{what} failed: {detail}")));
+    }
+    let mut reply = Reply::default();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        // The first occurrence wins, as it does for the `sed -n` reads in the scripts.
+        match key.strip_prefix("old.") {
+            Some(key) => reply.old.entry(key.to_string()),
+            None => reply.fields.entry(key.to_string()),
+        }
+        .or_insert_with(|| value.to_string());
+    }
+    Ok(reply)
+}
+
+/// Takes the lock for `me` (from [`LockInfo::new_for`], or the journaled one of a rollout being
+/// resumed) and returns it as written, with the load balancer's times.
+///
+/// Another live lease fails with [`LockError::Held`] after one round trip, unless `wait` is given:
+/// then it asks again every [`WAIT_POLL`] until the lock is free or `wait` has passed. An expired
+/// lease is taken over ([`Acquired::TookOver`]).
+pub async fn acquire(
+    t: &dyn Transport,
+    spec: &LockSpec,
+    me: &LockInfo,
+    wait: Option<Duration>,
+) -> Result<(LockInfo, Acquired), LockError> {
+    let began = Instant::now();
+    loop {
+        match acquire_once(t, spec, me).await {
+            Err(held @ LockError::Held { .. }) => {
+                let Some(wait) = wait else {
+                    return Err(held);
+                };
+                let waited = began.elapsed();
+                if waited >= wait {
+                    return Err(held);
+                }
+                tracing::debug!(error = %held, "deploy lock busy, waiting");
+                sleep(WAIT_POLL.min(wait - waited)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn acquire_once(
+    t: &dyn Transport,
+    spec: &LockSpec,
+    me: &LockInfo,
+) -> Result<(LockInfo, Acquired), LockError> {
+    const WHAT: &str = "taking the deploy lock";
+    let reply = run(t, &acquire_command(spec, me), WHAT).await?;
+    let how = match reply.result() {
+        "held" => {
+            return Err(LockError::Held {
+                holder: LockInfo::from_fields(&reply.old),
+                now: reply.number("now", WHAT)?,
+            });
+        }
+        "fresh" => Acquired::Fresh,
+        "resumed" => Acquired::Resumed,
+        "took_over" => Acquired::TookOver {
+            expired: LockInfo::from_fields(&reply.old),
+        },
+        _ => return Err(reply.unexpected(WHAT)),
+    };
+    let info = LockInfo {
+        token: one_line(&me.token),
+        owner: one_line(&me.owner),
+        pid: me.pid,
+        release: one_line(&me.release),
+        started: reply.number("started", WHAT)?,
+        lease_until: reply.number("lease_until", WHAT)?,
+    };
+    Ok((info, how))
+}
+
+/// Extends the lease of `token` by `spec.lease` from now; returns the new `lease_until`. Fails
+/// with [`LockError::Lost`] if the lock is gone or held by another token.
+pub async fn renew(t: &dyn Transport, spec: &LockSpec, token: &str) -> Result<u64, LockError> {
+    renew_within(t, spec, token, COMMAND_DEADLINE).await
+}
+
+async fn renew_within(
+    t: &dyn Transport,
+    spec: &LockSpec,
+    token: &str,
+    deadline: Duration,
+) -> Result<u64, LockError> {
+    const WHAT: &str = "renewing the deploy lock";
+    let reply = run_within(t, &renew_command(spec, token), WHAT, deadline).await?;
+    match reply.result() {
+        "renewed" => reply.number("lease_until", WHAT),
+        "lost" | "absent" => Err(LockError::Lost {
+            holder: reply.old_lock(),
+        }),
+        _ => Err(reply.unexpected(WHAT)),
+    }
+}
+
+/// Removes the lock if `token` holds it. An absent lock is fine (nothing to give back); one held
+/// by another token is [`LockError::Lost`] and is left alone.
+pub async fn release(t: &dyn Transport, spec: &LockSpec, token: &str) -> Result<(), LockError> {
+    const WHAT: &str = "releasing the deploy lock";
+    let reply = run(t, &release_command(spec, token), WHAT).await?;
+    match reply.result() {
+        "released" | "absent" => Ok(()),
+        "lost" => Err(LockError::Lost {
+            holder: reply.old_lock(),
+        }),
+        _ => Err(reply.unexpected(WHAT)),
+    }
+}
+
+/// Removes the lock whoever holds it (`roller unlock`); returns what was removed.
+pub async fn unlock(t: &dyn Transport, spec: &LockSpec) -> Result<Option<LockInfo>, LockError> {
+    const WHAT: &str = "removing the deploy lock";
+    let reply = run(t, &unlock_command(spec), WHAT).await?;
+    match reply.result() {
+        "removed" => Ok(Some(LockInfo::from_fields(&reply.old))),
+        "absent" => Ok(None),
+        _ => Err(reply.unexpected(WHAT)),
+    }
+}
+
+/// The lock as it is now, if any (whether or not its lease has run out).
+pub async fn read(t: &dyn Transport, spec: &LockSpec) -> Result<Option<LockInfo>, LockError> {
+    const WHAT: &str = "reading the deploy lock";
+    let reply = run(t, &read_command(spec), WHAT).await?;
+    match reply.result() {
+        "present" => Ok(Some(LockInfo::from_fields(&reply.old))),
+        "absent" => Ok(None),
+        _ => Err(reply.unexpected(WHAT)),
+    }
+}
+
+/// Keeps a held lock's lease alive for the length of a rollout: renews every `lease / 3` in a
+/// tokio task, and reports through [`LeaseKeeper::lost`] when the lock is lost, so the rollout
+/// can stop before it changes anything more.
+///
+/// A failed renewal (transport or remote error) is retried; the lock counts as lost only when
+/// another token holds it, it was removed, or no renewal succeeded before the lease ran out (a
+/// rollout that went on past that point could overlap another). Start it right after
+/// [`acquire`]: it takes the lease as running from its own start.
+pub struct LeaseKeeper {
+    lost: watch::Receiver<Option<String>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl LeaseKeeper {
+    pub fn start(t: Arc<dyn Transport>, spec: LockSpec, token: String) -> LeaseKeeper {
+        let (lost_tx, lost) = watch::channel(None);
+        let (stop, stop_rx) = oneshot::channel();
+        let task = tokio::spawn(keep(t, spec, token, lost_tx, stop_rx));
+        LeaseKeeper {
+            lost,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// `Some(reason)` once the lock is lost; it never goes back to `None`.
+    pub fn lost(&self) -> watch::Receiver<Option<String>> {
+        self.lost.clone()
+    }
+
+    /// Stops renewing and waits for an in-flight renewal to be abandoned. Does not release the
+    /// lock: call [`release`] for that.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+async fn keep(
+    t: Arc<dyn Transport>,
+    spec: LockSpec,
+    token: String,
+    lost: watch::Sender<Option<String>>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let lease = Duration::from_secs(spec.lease_secs());
+    let period = lease / 3;
+    // The load balancer computes `lease_until` from its clock when the command runs, which is
+    // after we sent it, and the lease holds through that whole second: `sent + lease` is when
+    // it ends at the earliest, measured on our monotonic clock.
+    let mut expires = Instant::now() + lease;
+    let mut next = Instant::now();
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = sleep_until(next) => {}
+        }
+        let sent = Instant::now();
+        if sent >= expires {
+            let _ = lost.send(Some(
+                "deploy lock lost: the lease ran out before it could be renewed".to_string(),
+            ));
+            return;
+        }
+        let outcome = tokio::select! {
+            _ = &mut stop => return,
+            outcome = renew_within(&*t, &spec, &token, expires - sent) => outcome,
+        };
+        match outcome {
+            Ok(_) if Instant::now() < expires => {
+                expires = sent + lease;
+                next = sent + period;
+            }
+            Ok(_) => {
+                // The renewal may have landed after the lease ran out, when another controller
+                // could have taken and given back the lock; we cannot tell, so we assume it.
+                let _ = lost.send(Some(
+                    "deploy lock lost: the renewal answered only after the lease had run out"
+                        .to_string(),
+                ));
+                return;
+            }
+            Err(e @ LockError::Lost { .. }) => {
+                let _ = lost.send(Some(e.to_string()));
+                return;
+            }
+            Err(e) => {
+                if Instant::now() >= expires {
+                    let _ = lost.send(Some(format!(
+                        "deploy lock lost: the lease ran out before it could be renewed (last error: {e})"
+                    )));
+                    return;
+                }
+                tracing::warn!(error = %e, "deploy lock renewal failed, retrying");
+                next = Instant::now() + RENEW_RETRY.min(period);
+            }
+        }
+    }
+}
+
+/// A value for one `key=value` line: control characters would split or hide lines.
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// 128 bits from the OS random source, hashed together with the time, pid and a per-process
+/// counter: unique even if `/dev/urandom` were unreadable, without another dependency.
+fn new_token() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = Sha256::new();
+    let mut random = [0u8; 32];
+    if let Ok(mut urandom) = std::fs::File::open("/dev/urandom")
+        && urandom.read_exact(&mut random).is_ok()
+    {
+        hasher.update(random);
+    }
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    hasher.update(nanos.to_le_bytes());
+    hasher.update(std::process::id().to_le_bytes());
+    hasher.update(COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    hex::encode(&hasher.finalize()[..16])
+}
+
+/// `user@host` of this controller, for the humans reading a lock.
+fn local_owner() -> String {
+    let user = ["USER", "LOGNAME"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok())
+        .map(|v| v.trim().to_string())
+        .find(|v| !v.is_empty())
+        .unwrap_or_else(|| "unknown".to_string());
+    let host = ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|v| v.trim().to_string())
+        .find(|v| !v.is_empty())
+        .unwrap_or_else(|| "unknown".to_string());
+    one_line(&format!("{user}@{host}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dir: &str) -> LockSpec {
+        LockSpec {
+            state_dir: dir.into(),
+            app: "shop".into(),
+            lease: Duration::from_millis(1500),
+        }
+    }
+
+    #[test]
+    fn tokens_are_128_bit_hex_and_unique() {
+        let a = new_token();
+        let b = new_token();
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()), "{a}");
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn lease_rounds_up_to_whole_seconds() {
+        assert_eq!(spec("s").lease_secs(), 2);
+        let mut s = spec("s");
+        s.lease = Duration::ZERO;
+        assert_eq!(s.lease_secs(), 1);
+    }
+
+    #[test]
+    fn values_cannot_add_lines_to_the_lock_file() {
+        let mut me = LockInfo::new_for("v2\nlease_until=99999999999");
+        me.owner = "eve\nlease_until=1".into();
+        let cmd = acquire_command(&spec("/srv/state"), &me);
+        assert!(cmd.contains("'v2?lease_until=99999999999'"), "{cmd}");
+        assert!(cmd.contains("'eve?lease_until=1'"), "{cmd}");
+        assert!(
+            cmd.starts_with("d=/srv/state; f=\"$d\"/shop.lock; "),
+            "{cmd}"
+        );
+    }
+
+    #[test]
+    fn replies_keep_the_old_lock_apart() {
+        let out = ExecOutput {
+            status: Some(0),
+            stdout: b"old.token=abc\nold.pid=7\nold.lease_until=10\nresult=held\nnow=5\n".to_vec(),
+            stderr: vec![],
+        };
+        let reply = parse_reply(&out, "x").unwrap();
+        assert_eq!(reply.result(), "held");
+        let old = reply.old_lock().unwrap();
+        assert_eq!(
+            (old.token.as_str(), old.pid, old.lease_until),
+            ("abc", 7, 10)
+        );
+        assert_eq!(reply.number("now", "x").unwrap(), 5);
+    }
+}
