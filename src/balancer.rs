@@ -38,6 +38,8 @@ pub trait Balancer: Send + Sync {
     fn test_command(&self) -> String;
     /// Prints the number of requests from this load balancer still in flight to `hosts`.
     fn in_flight_command(&self, hosts: &[&Host]) -> String;
+    /// The hosts that a configuration printed by [`Balancer::test_command`] marks down.
+    fn parse_down(&self, output: &str) -> BTreeSet<String>;
 }
 
 pub struct Nginx {
@@ -118,11 +120,27 @@ impl Balancer for Nginx {
         format!(
             "{test} || exit 1; m=$(cat {pid} 2>/dev/null); \
              if [ -z \"$m\" ] || [ ! -d \"/proc/$m\" ]; then echo \"nginx master from \"{pid}\" is not running\" >&2; exit 1; fi; \
-             f={file}; d=$(dirname \"$f\"); test -w \"$d\" || {{ echo \"$d is not writable\" >&2; exit 1; }}",
+             f={file}; d=$(dirname \"$f\"); test -w \"$d\" || {{ echo \"$d is not writable\" >&2; exit 1; }}; \
+             cat \"$f\" 2>/dev/null; exit 0",
             test = self.config.test,
             pid = quote(&self.config.pid_file),
             file = quote(&self.config.upstream_file),
         )
+    }
+
+    fn parse_down(&self, output: &str) -> BTreeSet<String> {
+        let down_sockets: BTreeSet<&str> = output
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("server "))
+            .filter_map(|l| l.split(';').next())
+            .filter_map(|l| l.trim().strip_suffix(" down"))
+            .map(str::trim)
+            .collect();
+        self.hosts
+            .iter()
+            .filter(|h| down_sockets.contains(self.socket(h).as_str()))
+            .map(|h| h.name.clone())
+            .collect()
     }
 
     fn in_flight_command(&self, hosts: &[&Host]) -> String {
@@ -151,6 +169,8 @@ mod tests {
             reload: "nginx -t && nginx -s reload".into(),
             pid_file: "/run/nginx.pid".into(),
             drain_timeout: std::time::Duration::from_secs(30),
+            state_dir: "/etc/nginx/conf.d/.roller".into(),
+            min_healthy: crate::inventory::MinHealthy::Hosts(1),
         };
         let hosts = vec![
             Host {
@@ -177,6 +197,14 @@ mod tests {
             "# Managed by roller: rewritten at every step of a rollout; edits here are lost.\n\
              upstream shop {\n    server 10.0.1.11:8080;  # web-1\n    server [fd00::12]:8080 down;  # web-2\n}\n"
         );
+    }
+
+    #[test]
+    fn the_pool_is_read_back_from_the_file_it_renders() {
+        let n = nginx();
+        let text = n.render(&Pool::with_down(&["web-2".to_string()]));
+        assert_eq!(n.parse_down(&text), BTreeSet::from(["web-2".to_string()]));
+        assert!(n.parse_down(&n.render(&Pool::default())).is_empty());
     }
 
     #[test]

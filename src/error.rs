@@ -48,6 +48,16 @@ pub enum Error {
     Artifact { path: PathBuf, message: String },
     #[error("pre-flight failed, nothing was changed:\n{}", list(failures))]
     Preflight { failures: Vec<HostFailure> },
+    /// Another rollout holds the deploy lock.
+    #[error("{0}")]
+    Locked(String),
+    /// A previous rollout left work behind that must be finished or undone first, or there is
+    /// nothing to resume.
+    #[error("{0}")]
+    Unfinished(String),
+    /// Talking to the load balancer about the lock or the rollout state failed.
+    #[error("{0}")]
+    State(String),
 }
 
 fn list<T: std::fmt::Display>(items: &[T]) -> String {

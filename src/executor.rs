@@ -1,24 +1,29 @@
 //! Runs a [`Plan`] over transports: the only place where roller changes anything on a host.
 //!
-//! Phases run in order and the steps of a phase run concurrently. When a batch phase fails the
-//! rest of the batch is abandoned and its rollback phases run instead, so the fleet always ends
-//! in a state the final report can describe host by host.
+//! Phases run in order and the steps of a phase run concurrently. When a batch fails, the
+//! failure policy decides what happens to it (and to earlier batches), so the fleet always ends
+//! in a state the final report can describe host by host. Every phase boundary is written to
+//! the journal and to the load balancer's copy of the rollout state before going on.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::join_all;
-use tokio::sync::Semaphore;
+use serde::Serialize;
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::balancer::{APPLY_REJECTED, APPLY_UNCONFIRMED, Balancer, Pool};
 use crate::error::{Error, HostFailure, Result};
 use crate::health::{HealthCheck, HealthSpec};
-use crate::plan::{Action, Batch, Phase, PhaseName, Plan, Step};
+use crate::inventory::Inventory;
+use crate::journal::{self, Journal, Progress, RolloutState, Status};
+use crate::plan::{Action, Batch, Observed, Phase, PhaseName, Plan, Role, Step};
 use crate::report::{
     Event, FailureAt, HostOutcome, HostReport, Outcome, Reporter, RolloutReport, StepState,
 };
+use crate::transport::reconnect::{Reconnecting, RetryPolicy};
 use crate::transport::{Connector, Endpoint, Transport};
 
 /// How long a single remote command may take, restart included (a JVM service may take a
@@ -29,28 +34,98 @@ const UPLOAD_FLOOR: Duration = Duration::from_secs(60);
 /// Parallel uploads during staging: enough to fill a link, few enough not to starve it.
 const STAGE_PARALLELISM: usize = 4;
 const DRAIN_POLL: Duration = Duration::from_millis(100);
+/// One health probe during pre-flight and the capacity check: a snapshot, not a wait.
+const PROBE_DEADLINE: Duration = Duration::from_secs(3);
+
+/// What to do when a batch fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailurePolicy {
+    /// The failed batch goes back to its previous release; earlier batches keep the new one.
+    #[default]
+    RollbackBatch,
+    /// The failed batch and every earlier batch go back, batch by batch, draining first.
+    RollbackAll,
+    /// The failed batch stays out of the pool, as it is, for inspection.
+    Halt,
+}
+
+impl FailurePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailurePolicy::RollbackBatch => "rollback-batch",
+            FailurePolicy::RollbackAll => "rollback-all",
+            FailurePolicy::Halt => "halt",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub on_failure: FailurePolicy,
+    /// Hosts that may fail (and be rolled back alone) before the batch fails as a whole.
+    pub max_failed_hosts: usize,
+    /// The command line that resumes this rollout, for the report's recovery steps.
+    pub resume_hint: String,
+    /// The command line that restores the previous releases.
+    pub recover_hint: String,
+}
+
+/// `Some(reason)` once the rollout must stop: Ctrl-C, SIGTERM, or a lost deploy lock.
+pub type Interrupt = watch::Receiver<Option<String>>;
+
+/// An interrupt that never fires, for callers without signals (tests, `plan`).
+pub fn never_interrupted() -> Interrupt {
+    let (tx, rx) = watch::channel(None);
+    // Keep the sender alive forever so `changed()` never reports a closed channel.
+    std::mem::forget(tx);
+    rx
+}
 
 /// Open sessions, keyed by plan target (app host name or load-balancer address).
 pub type Sessions = HashMap<String, Arc<dyn Transport>>;
 
-/// Opens one session per app host and load balancer, all at once. Any failure is a pre-flight
-/// failure: nothing has been changed yet.
-pub async fn connect(plan: &Plan, ssh_port: u16, connector: &dyn Connector) -> Result<Sessions> {
-    let mut endpoints: Vec<Endpoint> = plan
+/// Every host and load balancer to connect to, named as the plan names them.
+pub fn endpoints(inv: &Inventory) -> Vec<Endpoint> {
+    let mut endpoints: Vec<Endpoint> = inv
         .hosts
         .iter()
         .map(|h| Endpoint {
             name: h.name.clone(),
             address: h.address.clone(),
-            port: ssh_port,
+            port: inv.ssh.port,
         })
         .collect();
-    endpoints.extend(plan.balancers.iter().map(|lb| Endpoint {
+    endpoints.extend(inv.balancer.hosts.iter().map(|lb| Endpoint {
         name: lb.clone(),
         address: lb.clone(),
-        port: ssh_port,
+        port: inv.ssh.port,
     }));
-    let results = join_all(endpoints.iter().map(|e| connector.connect(e))).await;
+    endpoints
+}
+
+/// Opens one session per app host and load balancer, all at once. Any failure is a pre-flight
+/// failure: nothing has been changed yet. Each session re-establishes itself if its
+/// connection drops later: every command roller sends is safe to repeat.
+pub async fn connect(inv: &Inventory, connector: Arc<dyn Connector>) -> Result<Sessions> {
+    let endpoints = endpoints(inv);
+    let results = join_all(endpoints.iter().map(|e| {
+        let connector = connector.clone();
+        async move {
+            Reconnecting::connect(connector, e.clone(), RetryPolicy::default())
+                .await
+                .map(|s| s as Arc<dyn Transport>)
+        }
+    }))
+    .await;
+    collect_sessions(endpoints, results).await
+}
+
+/// Pairs endpoints with connection results; closes what opened if anything failed.
+pub async fn collect_sessions(
+    endpoints: Vec<Endpoint>,
+    results: Vec<std::result::Result<Arc<dyn Transport>, crate::transport::TransportError>>,
+) -> Result<Sessions> {
     let mut sessions = HashMap::new();
     let mut failures = Vec::new();
     for (endpoint, result) in endpoints.into_iter().zip(results) {
@@ -75,10 +150,144 @@ pub async fn connect(plan: &Plan, ssh_port: u16, connector: &dyn Connector) -> R
     }
 }
 
+/// Runs pre-flight on every host and load balancer and returns what it found: each host's
+/// live release, health, and pool membership. Fails if any check fails.
+pub async fn preflight(
+    inv: &Inventory,
+    balancer: &dyn Balancer,
+    health: &dyn HealthCheck,
+    sessions: &Sessions,
+    artifact_bytes: Option<u64>,
+    reporter: &dyn Reporter,
+) -> Result<BTreeMap<String, Observed>> {
+    let phase = Plan::preflight(inv, balancer);
+    let started = Instant::now();
+    let emit = |target: &str, state, elapsed: Option<Duration>, message: Option<String>| {
+        reporter.event(&Event {
+            at_ms: started.elapsed().as_millis() as u64,
+            batch: None,
+            phase: PhaseName::Preflight,
+            target: target.to_string(),
+            state,
+            elapsed_ms: elapsed.map(|e| e.as_millis() as u64),
+            message,
+        })
+    };
+    let results = join_all(phase.steps.iter().map(|step| async move {
+        emit(&step.target, StepState::Started, None, None);
+        let t0 = Instant::now();
+        let session = &sessions[&step.target];
+        let Action::Run { command } = &step.action else {
+            unreachable!("pre-flight steps are commands")
+        };
+        let result = run(session.as_ref(), command, None, COMMAND_DEADLINE).await;
+        let probe = match (&result, step.role) {
+            (Ok(_), Role::App) => {
+                let host = inv
+                    .host(&step.target)
+                    .expect("plan hosts come from inventory");
+                Some(
+                    health
+                        .probe(
+                            session.as_ref(),
+                            &HealthSpec::probe(&host.address, inv),
+                            PROBE_DEADLINE,
+                        )
+                        .await
+                        .is_ok(),
+                )
+            }
+            _ => None,
+        };
+        match &result {
+            Ok(_) => emit(&step.target, StepState::Succeeded, Some(t0.elapsed()), None),
+            Err(m) => emit(
+                &step.target,
+                StepState::Failed,
+                Some(t0.elapsed()),
+                Some(m.clone()),
+            ),
+        }
+        (step, result, probe)
+    }))
+    .await;
+
+    let mut failures = Vec::new();
+    let mut observed = BTreeMap::new();
+    let mut down = BTreeSet::new();
+    for (step, result, probe) in results {
+        let stdout = match result {
+            Ok(stdout) => stdout,
+            Err(message) => {
+                failures.push(HostFailure {
+                    host: step.target.clone(),
+                    step: "preflight".into(),
+                    message,
+                });
+                continue;
+            }
+        };
+        if step.role == Role::Balancer {
+            down.extend(balancer.parse_down(&stdout));
+            continue;
+        }
+        let facts: HashMap<&str, &str> = stdout.lines().filter_map(|l| l.split_once('=')).collect();
+        if let (Some(free_kb), Some(bytes)) = (
+            facts.get("free_kb").and_then(|f| f.parse::<u64>().ok()),
+            artifact_bytes,
+        ) {
+            // Room for the partial upload and the final file side by side would be twice
+            // the jar; a margin on top keeps the host from filling its disk.
+            let needed_kb = bytes.div_ceil(1024) * 2 + 10 * 1024;
+            if free_kb < needed_kb {
+                failures.push(HostFailure {
+                    host: step.target.clone(),
+                    step: "preflight".into(),
+                    message: format!(
+                        "not enough disk: {free_kb} KiB free, the jar needs {needed_kb} KiB"
+                    ),
+                });
+            }
+        }
+        observed.insert(
+            step.target.clone(),
+            Observed {
+                release: facts
+                    .get("current")
+                    .filter(|c| !c.is_empty())
+                    .map(|c| release_name(c)),
+                healthy: probe.unwrap_or(false),
+                in_pool: true,
+            },
+        );
+    }
+    for name in down {
+        if let Some(o) = observed.get_mut(&name) {
+            o.in_pool = false;
+        }
+    }
+    if failures.is_empty() {
+        Ok(observed)
+    } else {
+        failures.sort_by(|a, b| a.host.cmp(&b.host));
+        Err(Error::Preflight { failures })
+    }
+}
+
+/// Where the rollout's state is kept as it changes.
+pub struct StateSink {
+    /// The first load balancer's session.
+    pub session: Arc<dyn Transport>,
+    pub state_dir: String,
+    pub journal: Option<Arc<Journal>>,
+    pub state: Mutex<RolloutState>,
+}
+
 /// What the executor knows about each app host as it goes.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct HostState {
     release: Option<String>,
+    progress: Progress,
     /// Whether this rollout may have moved `current`: rollback must then move it back.
     switched: bool,
     in_pool: bool,
@@ -90,202 +299,409 @@ pub struct Executor<'a> {
     plan: &'a Plan,
     balancer: &'a dyn Balancer,
     health: &'a dyn HealthCheck,
-    sessions: Sessions,
+    sessions: &'a Sessions,
     reporter: Arc<dyn Reporter>,
+    options: Options,
+    interrupt: Interrupt,
+    sink: Option<&'a StateSink>,
     started: Instant,
     hosts: Mutex<BTreeMap<String, HostState>>,
     /// Load balancers whose pool state is unknown after a failed apply.
     unsure_balancers: Mutex<BTreeSet<String>>,
+    failed_hosts: Mutex<usize>,
+    /// Set once roller is restoring the fleet (rollback, undo, finishing an interrupted
+    /// batch): from then on no wait may be cut short, or the clean-up itself would strand hosts.
+    cleaning_up: std::sync::atomic::AtomicBool,
+    /// Why the rollout ended the way it did, beyond the failure itself.
+    notes: Mutex<Vec<String>>,
 }
 
 /// A failed step, before it is attributed to a batch.
+#[derive(Debug)]
 struct StepFailure {
     target: String,
     phase: PhaseName,
     message: String,
+    role: Role,
+    interrupted: bool,
+}
+
+/// Why a batch stopped before finishing.
+enum BatchStop {
+    Failed(StepFailure),
+    /// Interrupted before `phase` (an index into the batch's phases) ran to completion.
+    Interrupted {
+        reason: String,
+        phase: usize,
+    },
+}
+
+pub struct ExecutorInput<'a> {
+    pub plan: &'a Plan,
+    pub balancer: &'a dyn Balancer,
+    pub health: &'a dyn HealthCheck,
+    pub sessions: &'a Sessions,
+    pub reporter: Arc<dyn Reporter>,
+    pub options: Options,
+    pub interrupt: Interrupt,
+    pub sink: Option<&'a StateSink>,
+    /// From pre-flight: each host's live release and pool membership.
+    pub observed: &'a BTreeMap<String, Observed>,
 }
 
 impl<'a> Executor<'a> {
-    pub fn new(
-        plan: &'a Plan,
-        balancer: &'a dyn Balancer,
-        health: &'a dyn HealthCheck,
-        sessions: Sessions,
-        reporter: Arc<dyn Reporter>,
-    ) -> Executor<'a> {
-        let hosts = plan
+    pub fn new(input: ExecutorInput<'a>) -> Executor<'a> {
+        let skipped: BTreeSet<&String> = input.plan.skipped.iter().map(|s| &s.host).collect();
+        let hosts = input
+            .plan
             .hosts
             .iter()
             .map(|h| {
+                let seen = input.observed.get(&h.name);
+                let skip = skipped.contains(&h.name);
                 (
                     h.name.clone(),
                     HostState {
-                        in_pool: true,
-                        ..HostState::default()
+                        release: seen.and_then(|o| o.release.clone()),
+                        progress: if skip {
+                            Progress::Done
+                        } else {
+                            Progress::Pending
+                        },
+                        switched: false,
+                        in_pool: seen.is_none_or(|o| o.in_pool),
+                        outcome: skip.then_some(HostOutcome::Updated),
+                        note: skip.then(|| "already on the release".to_string()),
                     },
                 )
             })
             .collect();
         Executor {
-            plan,
-            balancer,
-            health,
-            sessions,
-            reporter,
+            plan: input.plan,
+            balancer: input.balancer,
+            health: input.health,
+            sessions: input.sessions,
+            reporter: input.reporter,
+            options: input.options,
+            interrupt: input.interrupt,
+            sink: input.sink,
             started: Instant::now(),
             hosts: Mutex::new(hosts),
             unsure_balancers: Mutex::new(BTreeSet::new()),
+            failed_hosts: Mutex::new(0),
+            cleaning_up: std::sync::atomic::AtomicBool::new(false),
+            notes: Mutex::new(Vec::new()),
         }
     }
 
-    /// Runs the whole plan. `Err` means nothing was changed (pre-flight or staging failed);
-    /// `Ok` carries the report of a rollout that changed the fleet, successful or not.
+    /// Runs staging and every batch. `Err` means nothing live was changed (staging failed);
+    /// `Ok` carries the report of a rollout that ran, whatever its outcome.
     pub async fn run(&self) -> Result<RolloutReport> {
-        self.run_preflight().await?;
-        self.run_stage().await?;
-        for batch in &self.plan.batches {
-            if let Err(failure) = self.run_batch(batch).await {
-                self.rollback(batch).await;
-                return Ok(self.report(Some(FailureAt {
-                    batch: batch.number,
-                    failure: HostFailure {
-                        host: failure.target,
-                        step: failure.phase.to_string(),
-                        message: failure.message,
-                    },
-                })));
+        if let Some(reason) = self.interrupted() {
+            return Ok(self.finish_interrupted(reason, None).await);
+        }
+        self.save(Status::Running).await;
+        self.run_phase(None, &self.plan.stage, &BTreeSet::new())
+            .await
+            .map_err(|failures| Error::Preflight {
+                failures: failures.into_iter().map(to_host_failure).collect(),
+            })?;
+        for (index, batch) in self.plan.batches.iter().enumerate() {
+            if let Some(reason) = self.interrupted() {
+                return Ok(self.finish_interrupted(reason, None).await);
             }
-            self.set_outcome(&batch.hosts, HostOutcome::Updated);
+            match self.run_batch(batch).await {
+                Ok(()) => self.save(Status::Running).await,
+                Err(BatchStop::Interrupted { reason, phase }) => {
+                    return Ok(self.finish_interrupted(reason, Some((batch, phase))).await);
+                }
+                Err(BatchStop::Failed(failure)) => {
+                    return Ok(self.fail(index, batch, failure).await);
+                }
+            }
         }
         // Pruning is housekeeping: a failure is reported but does not fail the rollout.
         let _ = self
             .run_phase(None, &self.plan.finish, &BTreeSet::new())
             .await;
-        Ok(self.report(None))
+        let report = self.report(None, None);
+        self.save(journal_status(report.outcome)).await;
+        Ok(report)
     }
 
-    pub async fn close(&self) {
-        join_all(self.sessions.values().map(|s| s.close())).await;
-    }
-
-    async fn run_preflight(&self) -> Result<()> {
-        let outputs = Mutex::new(HashMap::new());
-        let failures = match self
-            .run_phase_collect(None, &self.plan.preflight, &BTreeSet::new(), &outputs)
-            .await
-        {
-            Ok(()) => Vec::new(),
-            Err(fs) => fs,
+    /// Applies the failure policy to a failed batch (and, for rollback-all, earlier ones).
+    async fn fail(&self, index: usize, batch: &Batch, failure: StepFailure) -> RolloutReport {
+        self.start_cleanup();
+        let at = FailureAt {
+            batch: batch.number,
+            failure: to_host_failure(failure),
         };
-        let mut failures: Vec<HostFailure> = failures.into_iter().map(to_host_failure).collect();
-        let outputs = outputs.into_inner().expect("outputs lock");
-        let mut hosts = self.hosts.lock().expect("hosts lock");
-        for (target, stdout) in outputs {
-            let facts: HashMap<&str, &str> =
-                stdout.lines().filter_map(|l| l.split_once('=')).collect();
-            if let Some(state) = hosts.get_mut(&target) {
-                state.release = facts
-                    .get("current")
-                    .filter(|c| !c.is_empty())
-                    .map(|c| release_name(c));
+        match self.options.on_failure {
+            FailurePolicy::Halt => {
+                self.note(format!(
+                    "--on-failure halt: batch {} was left as it is, out of the pool, for inspection",
+                    batch.number
+                ));
+                let halted: Vec<String> = batch
+                    .hosts
+                    .iter()
+                    .filter(|h| self.host(h).progress != Progress::Done || !self.host(h).in_pool)
+                    .cloned()
+                    .collect();
+                self.set_outcome(&halted, HostOutcome::Halted);
             }
-            let free_kb: Option<u64> = facts.get("free_kb").and_then(|f| f.parse().ok());
-            if let (Some(free_kb), Some(artifact)) = (free_kb, &self.plan.artifact) {
-                // Room for the partial upload and the final file side by side would be twice
-                // the jar; a margin on top keeps the host from filling its disk.
-                let needed_kb = artifact.bytes.div_ceil(1024) * 2 + 10 * 1024;
-                if free_kb < needed_kb {
-                    failures.push(HostFailure {
-                        host: target.clone(),
-                        step: "preflight".into(),
-                        message: format!(
-                            "not enough disk: {free_kb} KiB free, the jar needs {needed_kb} KiB"
-                        ),
-                    });
-                }
+            FailurePolicy::RollbackBatch => {
+                self.rollback(batch, None).await;
             }
-        }
-        if failures.is_empty() {
-            Ok(())
-        } else {
-            failures.sort_by(|a, b| a.host.cmp(&b.host));
-            Err(Error::Preflight { failures })
-        }
-    }
-
-    async fn run_stage(&self) -> Result<()> {
-        self.run_phase(None, &self.plan.stage, &BTreeSet::new())
-            .await
-            .map_err(|failures| Error::Preflight {
-                failures: failures.into_iter().map(to_host_failure).collect(),
-            })
-    }
-
-    async fn run_batch(&self, batch: &Batch) -> std::result::Result<(), StepFailure> {
-        for phase in &batch.phases {
-            self.run_phase(Some(batch.number), phase, &BTreeSet::new())
-                .await
-                .map_err(|mut failures| failures.remove(0))?;
-        }
-        Ok(())
-    }
-
-    /// Brings every host of a failed batch back to its previous release and into the pool.
-    /// A host that cannot be restored stays out of the pool and is reported as failed.
-    async fn rollback(&self, batch: &Batch) {
-        let mut excluded: BTreeSet<String> = {
-            let hosts = self.hosts.lock().expect("hosts lock");
-            batch
-                .hosts
-                .iter()
-                .filter(|h| !hosts[*h].switched)
-                .cloned()
-                .collect()
-        };
-        let never_switched = excluded.clone();
-        for phase in &batch.rollback {
-            let phase = if phase.name == PhaseName::ReturnToPool {
-                // Only hosts that were restored go back; the rest stay marked down.
-                let failed: Vec<String> = excluded.difference(&never_switched).cloned().collect();
-                self.set_pool_phase(phase, &failed)
-            } else {
-                phase.clone()
-            };
-            let skip = if phase.name == PhaseName::ReturnToPool {
-                BTreeSet::new()
-            } else {
-                excluded.clone()
-            };
-            if let Err(failures) = self.run_phase(Some(batch.number), &phase, &skip).await {
-                for f in failures {
-                    if phase.name != PhaseName::ReturnToPool {
-                        self.note(
-                            &f.target,
-                            format!("rollback {} failed: {}", f.phase, f.message),
-                        );
-                        excluded.insert(f.target);
+            FailurePolicy::RollbackAll => {
+                self.rollback(batch, None).await;
+                for earlier in self.plan.batches[..index].iter().rev() {
+                    if self.undo(earlier).await.is_err() {
+                        self.note(format!(
+                            "undoing batch {} failed: earlier batches were left on the new release",
+                            earlier.number
+                        ));
+                        break;
                     }
                 }
             }
         }
-        let restored: Vec<String> = batch
-            .hosts
-            .iter()
-            .filter(|h| !excluded.contains(*h) || never_switched.contains(*h))
-            .cloned()
-            .collect();
-        self.set_outcome(&restored, HostOutcome::RolledBack);
-        let failed: Vec<String> = batch
-            .hosts
-            .iter()
-            .filter(|h| !restored.contains(h))
-            .cloned()
-            .collect();
-        self.set_outcome(&failed, HostOutcome::Failed);
+        let report = self.report(Some(at), None);
+        self.save(journal_status(report.outcome)).await;
+        report
     }
 
-    fn set_pool_phase(&self, phase: &Phase, down: &[String]) -> Phase {
-        let content = self.balancer.render(&Pool::with_down(down));
+    /// Stops after an interrupt: a batch in progress is rolled back, or completed when only
+    /// returning it to the pool was left, which is less than rolling back would take.
+    async fn finish_interrupted(
+        &self,
+        reason: String,
+        at: Option<(&Batch, usize)>,
+    ) -> RolloutReport {
+        self.start_cleanup();
+        if let Some((batch, phase)) = at {
+            let remaining = &batch.phases[phase..];
+            if remaining.len() == 1 && remaining[0].name == PhaseName::ReturnToPool {
+                self.note(format!(
+                    "batch {} was completed rather than rolled back: its hosts were already healthy on the new release, so returning them to the pool was one step where rolling back would have meant another restart",
+                    batch.number
+                ));
+                let finished = self
+                    .run_phase(Some(batch.number), &remaining[0], &BTreeSet::new())
+                    .await;
+                if finished.is_ok() {
+                    self.set_outcome(&batch.hosts, HostOutcome::Updated);
+                } else {
+                    self.rollback(batch, None).await;
+                }
+            } else {
+                self.note(format!(
+                    "batch {} was rolled back: it was interrupted before its hosts were healthy on the new release",
+                    batch.number
+                ));
+                self.rollback(batch, None).await;
+            }
+        }
+        let report = self.report(None, Some(reason));
+        self.save(journal_status(report.outcome)).await;
+        report
+    }
+
+    async fn run_batch(&self, batch: &Batch) -> std::result::Result<(), BatchStop> {
+        let mut failed: BTreeSet<String> = BTreeSet::new();
+        for (index, phase) in batch.phases.iter().enumerate() {
+            if let Some(reason) = self.interrupted() {
+                return Err(BatchStop::Interrupted {
+                    reason,
+                    phase: index,
+                });
+            }
+            let phase = if phase.name == PhaseName::ReturnToPool && !failed.is_empty() {
+                // Hosts that failed alone (within --max-failed-hosts) go back to their previous
+                // release before the batch returns; those that cannot stay out.
+                let unrestored = self.rollback(batch, Some(&failed)).await;
+                self.with_pool(phase, batch, &unrestored)
+            } else {
+                phase.clone()
+            };
+            match self.run_phase(Some(batch.number), &phase, &failed).await {
+                Ok(()) => {}
+                Err(failures) => {
+                    if let Some(f) = failures.iter().find(|f| f.interrupted) {
+                        return Err(BatchStop::Interrupted {
+                            reason: self.interrupted().unwrap_or_else(|| f.message.clone()),
+                            phase: index,
+                        });
+                    }
+                    let tolerable = failures.iter().all(|f| f.role == Role::App);
+                    let total = {
+                        let mut n = self.failed_hosts.lock().expect("lock");
+                        *n += failures.len();
+                        *n
+                    };
+                    if !tolerable || total > self.options.max_failed_hosts {
+                        return Err(BatchStop::Failed(
+                            failures.into_iter().next().expect("at least one"),
+                        ));
+                    }
+                    for f in failures {
+                        self.set_note(
+                            &f.target,
+                            format!(
+                                "{} failed, tolerated by --max-failed-hosts: {}",
+                                f.phase, f.message
+                            ),
+                        );
+                        failed.insert(f.target);
+                    }
+                }
+            }
+            self.advance(batch, phase.name, &failed);
+            self.save(Status::Running).await;
+        }
+        let updated: Vec<String> = batch
+            .hosts
+            .iter()
+            .filter(|h| !failed.contains(*h))
+            .cloned()
+            .collect();
+        self.set_outcome(&updated, HostOutcome::Updated);
+        Ok(())
+    }
+
+    /// Records how far the batch's hosts got once `phase` succeeded for them.
+    fn advance(&self, batch: &Batch, phase: PhaseName, failed: &BTreeSet<String>) {
+        let progress = match phase {
+            PhaseName::RemoveFromPool | PhaseName::Drain => Progress::Drained,
+            PhaseName::Switch => Progress::Switched,
+            PhaseName::Restart => Progress::Restarted,
+            PhaseName::HealthCheck | PhaseName::ReturnToPool => Progress::Done,
+            _ => return,
+        };
+        for name in batch.hosts.iter().filter(|h| !failed.contains(*h)) {
+            self.with_host(name, |h| h.progress = h.progress.max(progress));
+        }
+    }
+
+    /// Brings hosts of a failed batch (all of them, or `only`) back to their previous release
+    /// and into the pool. Returns the hosts that could not be restored: they stay out of the
+    /// pool and are reported as failed.
+    async fn rollback(&self, batch: &Batch, only: Option<&BTreeSet<String>>) -> Vec<String> {
+        let members: Vec<String> = batch
+            .hosts
+            .iter()
+            .filter(|h| only.is_none_or(|o| o.contains(*h)))
+            .cloned()
+            .collect();
+        let outside: BTreeSet<String> = batch
+            .hosts
+            .iter()
+            .filter(|h| !members.contains(h))
+            .cloned()
+            .collect();
+        let never_switched: BTreeSet<String> = members
+            .iter()
+            .filter(|h| !self.host(h).switched)
+            .cloned()
+            .collect();
+        let mut excluded: BTreeSet<String> = never_switched.union(&outside).cloned().collect();
+        // A batch that never left the pool (refused by the capacity guard, say) must not have
+        // its pool rewritten on the way out either.
+        let pool_touched = batch.hosts.iter().any(|h| !self.host(h).in_pool)
+            || !self.unsure_balancers.lock().expect("lock").is_empty();
+        let mut unrestored: Vec<String> = Vec::new();
+        for phase in &batch.rollback {
+            if phase.name == PhaseName::ReturnToPool {
+                if only.is_some() || !pool_touched {
+                    // With `only`, the caller returns the whole batch to the pool itself.
+                    break;
+                }
+                let phase = self.with_pool(phase, batch, &unrestored);
+                if let Err(failures) = self
+                    .run_phase(Some(batch.number), &phase, &BTreeSet::new())
+                    .await
+                {
+                    for f in failures {
+                        self.note(format!(
+                            "returning batch {} to the pool on {} failed: {}",
+                            batch.number, f.target, f.message
+                        ));
+                    }
+                }
+                continue;
+            }
+            if let Err(failures) = self.run_phase(Some(batch.number), phase, &excluded).await {
+                for f in failures {
+                    self.set_note(
+                        &f.target,
+                        format!("rollback {} failed: {}", f.phase, f.message),
+                    );
+                    unrestored.push(f.target.clone());
+                    excluded.insert(f.target);
+                }
+            }
+        }
+        let restored: Vec<String> = members
+            .iter()
+            .filter(|h| !unrestored.contains(h))
+            .cloned()
+            .collect();
+        for name in &restored {
+            self.with_host(name, |h| {
+                h.progress = Progress::RolledBack;
+                h.switched = false;
+            });
+        }
+        for name in &unrestored {
+            self.with_host(name, |h| h.progress = Progress::Failed);
+        }
+        self.set_outcome(&restored, HostOutcome::RolledBack);
+        self.set_outcome(&unrestored, HostOutcome::Failed);
+        self.save(Status::Running).await;
+        unrestored
+    }
+
+    /// Takes a completed batch back to its previous release, draining it first.
+    async fn undo(&self, batch: &Batch) -> std::result::Result<(), ()> {
+        for name in &batch.hosts {
+            self.with_host(name, |h| h.switched = true);
+        }
+        for phase in &batch.undo {
+            if let Err(failures) = self
+                .run_phase(Some(batch.number), phase, &BTreeSet::new())
+                .await
+            {
+                for f in &failures {
+                    self.set_note(&f.target, format!("undo {} failed: {}", f.phase, f.message));
+                }
+                // The batch may be out of the pool, half switched: the normal rollback
+                // brings back what it can and reports the rest.
+                self.rollback(batch, None).await;
+                return Err(());
+            }
+        }
+        for name in &batch.hosts {
+            self.with_host(name, |h| {
+                h.progress = Progress::RolledBack;
+                h.switched = false;
+            });
+        }
+        self.set_outcome(&batch.hosts, HostOutcome::RolledBack);
+        self.save(Status::Running).await;
+        Ok(())
+    }
+
+    /// The phase with its pool re-rendered: the batch's held-out hosts plus `failed` down.
+    fn with_pool(&self, phase: &Phase, batch: &Batch, failed: &[String]) -> Phase {
+        let down: Vec<String> = batch
+            .held_out
+            .iter()
+            .chain(failed)
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let content = self.balancer.render(&Pool::with_down(&down));
         let mut phase = phase.clone();
         for step in &mut phase.steps {
             if let Action::SetPool {
@@ -294,7 +710,7 @@ impl<'a> Executor<'a> {
                 ..
             } = &mut step.action
             {
-                *d = down.to_vec();
+                *d = down.clone();
                 *c = content.clone();
             }
         }
@@ -306,17 +722,6 @@ impl<'a> Executor<'a> {
         batch: Option<usize>,
         phase: &Phase,
         skip: &BTreeSet<String>,
-    ) -> std::result::Result<(), Vec<StepFailure>> {
-        self.run_phase_collect(batch, phase, skip, &Mutex::new(HashMap::new()))
-            .await
-    }
-
-    async fn run_phase_collect(
-        &self,
-        batch: Option<usize>,
-        phase: &Phase,
-        skip: &BTreeSet<String>,
-        outputs: &Mutex<HashMap<String, String>>,
     ) -> std::result::Result<(), Vec<StepFailure>> {
         let limit = Semaphore::new(if phase.name == PhaseName::Stage {
             STAGE_PARALLELISM
@@ -348,7 +753,7 @@ impl<'a> Executor<'a> {
             let result = self.run_step(phase.name, step).await;
             let elapsed = Some(started.elapsed());
             match result {
-                Ok(StepDone::Done(stdout)) => {
+                Ok(StepDone::Done) => {
                     self.emit(
                         batch,
                         phase.name,
@@ -357,10 +762,6 @@ impl<'a> Executor<'a> {
                         elapsed,
                         None,
                     );
-                    outputs
-                        .lock()
-                        .expect("outputs lock")
-                        .insert(step.target.clone(), stdout);
                     Ok(())
                 }
                 Ok(StepDone::Skipped(why)) => {
@@ -374,7 +775,10 @@ impl<'a> Executor<'a> {
                     );
                     Ok(())
                 }
-                Err(message) => {
+                Err(StepError {
+                    message,
+                    interrupted,
+                }) => {
                     self.emit(
                         batch,
                         phase.name,
@@ -387,6 +791,8 @@ impl<'a> Executor<'a> {
                         target: step.target.clone(),
                         phase: phase.name,
                         message,
+                        role: step.role,
+                        interrupted,
                     })
                 }
             }
@@ -404,7 +810,20 @@ impl<'a> Executor<'a> {
         &self,
         phase: PhaseName,
         step: &Step,
-    ) -> std::result::Result<StepDone, String> {
+    ) -> std::result::Result<StepDone, StepError> {
+        if let Action::CapacityCheck {
+            staying,
+            min_healthy,
+            path,
+            port,
+            expect_status,
+        } = &step.action
+        {
+            return self
+                .capacity_check(staying, *min_healthy, path, *port, *expect_status)
+                .await
+                .map_err(StepError::from);
+        }
         let session = self
             .sessions
             .get(&step.target)
@@ -418,16 +837,17 @@ impl<'a> Executor<'a> {
                 }
                 let stdout = run(session.as_ref(), command, None, COMMAND_DEADLINE).await?;
                 match phase {
-                    PhaseName::Switch => self.with_host(&step.target, |h| {
-                        h.release = Some(self.plan.release.clone());
-                    }),
+                    PhaseName::Switch => {
+                        let release = self.plan.targets.get(&step.target).cloned();
+                        self.with_host(&step.target, |h| h.release = release);
+                    }
                     PhaseName::SwitchBack => {
                         let release = release_name(stdout.trim());
                         self.with_host(&step.target, |h| h.release = Some(release));
                     }
                     _ => {}
                 }
-                Ok(StepDone::Done(stdout))
+                Ok(StepDone::Done)
             }
             Action::Upload { check, upload } => {
                 let artifact = self.plan.artifact.as_ref().ok_or("no artifact to upload")?;
@@ -442,54 +862,17 @@ impl<'a> Executor<'a> {
                     Some(artifact.content.clone()),
                     deadline,
                 )
-                .await
-                .map(StepDone::Done)
+                .await?;
+                Ok(StepDone::Done)
             }
             Action::SetPool {
                 down,
                 content,
                 command,
-            } => {
-                let result = session
-                    .exec(command, Some(content.clone().into()), COMMAND_DEADLINE)
-                    .await;
-                let in_pool = |name: &String| !down.contains(name);
-                match result {
-                    Ok(out) if out.success() => {
-                        self.unsure_balancers
-                            .lock()
-                            .expect("lock")
-                            .remove(&step.target);
-                        let mut hosts = self.hosts.lock().expect("hosts lock");
-                        for (name, state) in hosts.iter_mut() {
-                            state.in_pool = in_pool(name);
-                        }
-                        Ok(StepDone::Done(String::new()))
-                    }
-                    Ok(out) if out.status == Some(APPLY_REJECTED) => Err(format!(
-                        "nginx refused the new upstream file, the old one was restored: {}",
-                        out.stderr_text()
-                    )),
-                    Ok(out) => {
-                        self.unsure_balancers
-                            .lock()
-                            .expect("lock")
-                            .insert(step.target.clone());
-                        Err(if out.status == Some(APPLY_UNCONFIRMED) {
-                            format!("reload not confirmed: {}", out.stderr_text())
-                        } else {
-                            describe_failure(&out)
-                        })
-                    }
-                    Err(e) => {
-                        self.unsure_balancers
-                            .lock()
-                            .expect("lock")
-                            .insert(step.target.clone());
-                        Err(e.to_string())
-                    }
-                }
-            }
+            } => self
+                .set_pool(&step.target, session.as_ref(), down, content, command)
+                .await
+                .map_err(StepError::from),
             Action::Drain { command, timeout } => {
                 let deadline = Instant::now() + *timeout;
                 loop {
@@ -499,15 +882,16 @@ impl<'a> Executor<'a> {
                         .parse()
                         .map_err(|_| format!("unexpected in-flight count {out:?}"))?;
                     if in_flight == 0 {
-                        return Ok(StepDone::Done(String::new()));
+                        return Ok(StepDone::Done);
                     }
                     if Instant::now() + DRAIN_POLL > deadline {
                         return Err(format!(
                             "{in_flight} request(s) still in flight after {}",
                             humantime::format_duration(*timeout)
-                        ));
+                        )
+                        .into());
                     }
-                    tokio::time::sleep(DRAIN_POLL).await;
+                    self.pause(DRAIN_POLL).await?;
                 }
             }
             Action::HealthCheck {
@@ -528,12 +912,134 @@ impl<'a> Executor<'a> {
                     timeout: *timeout,
                     successes: *successes,
                 };
-                self.health
-                    .wait_healthy(session.as_ref(), &spec)
-                    .await
-                    .map(|()| StepDone::Done(String::new()))
+                // Waiting for health changes nothing, so an interrupt may cut it short.
+                tokio::select! {
+                    biased;
+                    result = self.health.wait_healthy(session.as_ref(), &spec) => {
+                        result.map(|()| StepDone::Done).map_err(StepError::from)
+                    }
+                    reason = self.interruption() => Err(StepError::interrupted(reason)),
+                }
+            }
+            Action::CapacityCheck { .. } => unreachable!("handled above"),
+        }
+    }
+
+    async fn set_pool(
+        &self,
+        target: &str,
+        session: &dyn Transport,
+        down: &[String],
+        content: &str,
+        command: &str,
+    ) -> std::result::Result<StepDone, String> {
+        let result = session
+            .exec(command, Some(content.to_string().into()), COMMAND_DEADLINE)
+            .await;
+        let mut unsure = self.unsure_balancers.lock().expect("lock");
+        match result {
+            Ok(out) if out.success() => {
+                unsure.remove(target);
+                drop(unsure);
+                let mut hosts = self.hosts.lock().expect("hosts lock");
+                for (name, state) in hosts.iter_mut() {
+                    state.in_pool = !down.contains(name);
+                }
+                Ok(StepDone::Done)
+            }
+            Ok(out) if out.status == Some(APPLY_REJECTED) => Err(format!(
+                "nginx refused the new upstream file, the old one was restored: {}",
+                out.stderr_text()
+            )),
+            Ok(out) => {
+                unsure.insert(target.to_string());
+                Err(if out.status == Some(APPLY_UNCONFIRMED) {
+                    format!("reload not confirmed: {}", out.stderr_text())
+                } else {
+                    describe_failure(&out)
+                })
+            }
+            Err(e) => {
+                unsure.insert(target.to_string());
+                Err(e.to_string())
             }
         }
+    }
+
+    /// Refuses to take a batch out unless enough of the hosts staying in the pool answer
+    /// their health check right now.
+    async fn capacity_check(
+        &self,
+        staying: &[String],
+        min_healthy: usize,
+        path: &str,
+        port: u16,
+        expect_status: u16,
+    ) -> std::result::Result<StepDone, String> {
+        let probes = join_all(staying.iter().map(|name| async move {
+            let address = &self.plan.hosts.iter().find(|h| &h.name == name)?.address;
+            let session = self.sessions.get(name)?;
+            let spec = HealthSpec {
+                address: address.clone(),
+                port,
+                path: path.to_string(),
+                expect_status,
+                interval: PROBE_DEADLINE,
+                timeout: PROBE_DEADLINE,
+                successes: 1,
+            };
+            let in_pool = self.host(name).in_pool;
+            let healthy = self
+                .health
+                .probe(session.as_ref(), &spec, PROBE_DEADLINE)
+                .await
+                .is_ok();
+            (in_pool && healthy).then(|| name.clone())
+        }))
+        .await;
+        let healthy: Vec<String> = probes.into_iter().flatten().collect();
+        if healthy.len() < min_healthy {
+            return Err(format!(
+                "only {} host(s) would stay healthy in the pool ({}), below balancer.min_healthy = {min_healthy}; the batch was not taken out",
+                healthy.len(),
+                if healthy.is_empty() {
+                    "none".to_string()
+                } else {
+                    healthy.join(", ")
+                }
+            ));
+        }
+        Ok(StepDone::Done)
+    }
+
+    fn interrupted(&self) -> Option<String> {
+        self.interrupt.borrow().clone()
+    }
+
+    fn start_cleanup(&self) {
+        self.cleaning_up
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Resolves when the rollout is interrupted, unless roller is cleaning up (then never).
+    async fn interruption(&self) -> String {
+        if self.cleaning_up.load(std::sync::atomic::Ordering::SeqCst) {
+            return std::future::pending().await;
+        }
+        let mut interrupt = self.interrupt.clone();
+        wait_for_interrupt(&mut interrupt).await
+    }
+
+    /// Sleeps, unless interrupted first.
+    async fn pause(&self, duration: Duration) -> std::result::Result<(), StepError> {
+        tokio::select! {
+            () = tokio::time::sleep(duration) => Ok(()),
+            reason = self.interruption() => Err(StepError::interrupted(reason)),
+        }
+    }
+
+    fn host(&self, name: &str) -> HostState {
+        self.hosts.lock().expect("hosts lock")[name].clone()
     }
 
     fn with_host(&self, name: &str, f: impl FnOnce(&mut HostState)) {
@@ -542,8 +1048,12 @@ impl<'a> Executor<'a> {
         }
     }
 
-    fn note(&self, name: &str, note: String) {
+    fn set_note(&self, name: &str, note: String) {
         self.with_host(name, |h| h.note = Some(note));
+    }
+
+    fn note(&self, note: String) {
+        self.notes.lock().expect("notes lock").push(note);
     }
 
     fn set_outcome(&self, names: &[String], outcome: HostOutcome) {
@@ -572,7 +1082,46 @@ impl<'a> Executor<'a> {
         });
     }
 
-    fn report(&self, failure: Option<FailureAt>) -> RolloutReport {
+    /// Writes the rollout's state to the journal and to the load balancer. A failure to write
+    /// the remote copy is logged, not fatal: the local journal still has it.
+    async fn save(&self, status: Status) {
+        let Some(sink) = self.sink else {
+            return;
+        };
+        let state = {
+            let hosts = self.hosts.lock().expect("hosts lock");
+            let mut state = sink.state.lock().expect("state lock");
+            state.status = status;
+            state.updated = journal::now_secs();
+            state.hosts = hosts
+                .iter()
+                .map(|(name, h)| (name.clone(), h.progress))
+                .collect();
+            state.out_of_pool = hosts
+                .iter()
+                .filter(|(_, h)| !h.in_pool)
+                .map(|(name, _)| name.clone())
+                .collect();
+            state.clone()
+        };
+        if let Some(journal) = &sink.journal {
+            journal.record_state(&state);
+        }
+        let json = serde_json::to_vec_pretty(&state).expect("state serializes");
+        let command = journal::write_state_command(&sink.state_dir, &state.app);
+        if let Err(e) = run(
+            sink.session.as_ref(),
+            &command,
+            Some(json.into()),
+            COMMAND_DEADLINE,
+        )
+        .await
+        {
+            tracing::warn!("cannot save the rollout state on the load balancer: {e}");
+        }
+    }
+
+    fn report(&self, failure: Option<FailureAt>, interrupted: Option<String>) -> RolloutReport {
         let hosts = self.hosts.lock().expect("hosts lock");
         let unsure = self.unsure_balancers.lock().expect("lock");
         let reports: Vec<HostReport> = self
@@ -594,38 +1143,113 @@ impl<'a> Executor<'a> {
         for lb in unsure.iter() {
             recovery.push(format!(
                 "load balancer {lb}: its pool state is unknown. Check {} there, make sure every healthy host is listed without `down`, then run `{}`",
-                self.plan.upstream_file,
-                self.plan.reload
+                self.plan.upstream_file, self.plan.reload
             ));
         }
         for h in reports.iter().filter(|h| h.outcome == HostOutcome::Failed) {
             recovery.push(format!(
-                "{}: not healthy after rollback ({}). It is marked `down` in {} on every load balancer. Once it answers its health check, remove `down` from its line there and run `{}`",
+                "{}: not healthy after rollback ({}). It is marked `down` in {} on every load balancer. Once it answers its health check, run `{}` to put everyone back on the previous release and in the pool, or remove `down` from its line there and run `{}`",
                 h.name,
                 h.note.as_deref().unwrap_or("see the log above"),
                 self.plan.upstream_file,
+                self.options.recover_hint,
                 self.plan.reload
             ));
         }
-        let outcome = match (&failure, recovery.is_empty()) {
-            (None, true) => Outcome::Succeeded,
-            (_, false) => Outcome::RollbackIncomplete,
-            (Some(_), true) => Outcome::RolledBack,
+        let halted: Vec<&str> = reports
+            .iter()
+            .filter(|h| h.outcome == HostOutcome::Halted)
+            .map(|h| h.name.as_str())
+            .collect();
+        if !halted.is_empty() {
+            recovery.push(format!(
+                "{} left out of the pool for inspection. To finish the rollout: `{}`; to go back to the previous release everywhere: `{}`",
+                halted.join(", "),
+                self.options.resume_hint,
+                self.options.recover_hint
+            ));
+        }
+        let outcome = if !recovery.is_empty() {
+            if halted.is_empty() {
+                Outcome::RollbackIncomplete
+            } else {
+                Outcome::Halted
+            }
+        } else if interrupted.is_some() {
+            Outcome::Interrupted
+        } else if failure.is_some() || reports.iter().any(|h| h.outcome == HostOutcome::RolledBack)
+        {
+            Outcome::RolledBack
+        } else {
+            Outcome::Succeeded
         };
         RolloutReport {
             release: self.plan.release.clone(),
             outcome,
             failure,
+            interrupted,
             hosts: reports,
+            notes: self.notes.lock().expect("notes lock").clone(),
             recovery,
             elapsed_ms: self.started.elapsed().as_millis() as u64,
         }
     }
 }
 
+fn journal_status(outcome: Outcome) -> Status {
+    match outcome {
+        Outcome::Succeeded => Status::Succeeded,
+        Outcome::RolledBack => Status::RolledBack,
+        Outcome::RollbackIncomplete => Status::Incomplete,
+        Outcome::Halted => Status::Halted,
+        Outcome::Interrupted => Status::Interrupted,
+    }
+}
+
+async fn wait_for_interrupt(interrupt: &mut Interrupt) -> String {
+    loop {
+        if let Some(reason) = interrupt.borrow_and_update().clone() {
+            return reason;
+        }
+        if interrupt.changed().await.is_err() {
+            // The sender is gone: nobody can interrupt any more.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 enum StepDone {
-    Done(String),
+    Done,
     Skipped(String),
+}
+
+struct StepError {
+    message: String,
+    interrupted: bool,
+}
+
+impl StepError {
+    fn interrupted(reason: String) -> StepError {
+        StepError {
+            message: format!("interrupted ({reason})"),
+            interrupted: true,
+        }
+    }
+}
+
+impl From<String> for StepError {
+    fn from(message: String) -> StepError {
+        StepError {
+            message,
+            interrupted: false,
+        }
+    }
+}
+
+impl From<&str> for StepError {
+    fn from(message: &str) -> StepError {
+        StepError::from(message.to_string())
+    }
 }
 
 /// Runs a command that must succeed and returns its stdout.
@@ -660,7 +1284,7 @@ fn describe_failure(out: &crate::transport::ExecOutput) -> String {
 }
 
 /// `releases/v2` → `v2`.
-fn release_name(link: &str) -> String {
+pub fn release_name(link: &str) -> String {
     link.trim()
         .trim_end_matches('/')
         .rsplit('/')

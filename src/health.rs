@@ -22,8 +22,31 @@ pub struct HealthSpec {
     pub successes: u32,
 }
 
+impl HealthSpec {
+    /// A single look at a host's health, as pre-flight and the capacity guard take it.
+    pub fn probe(address: &str, inv: &crate::inventory::Inventory) -> HealthSpec {
+        HealthSpec {
+            address: address.to_string(),
+            port: inv.app.port,
+            path: inv.health.path.clone(),
+            expect_status: inv.health.expect_status,
+            interval: inv.health.interval,
+            timeout: inv.health.interval,
+            successes: 1,
+        }
+    }
+}
+
 #[async_trait]
 pub trait HealthCheck: Send + Sync {
+    /// One probe: `Ok` when the host answers as expected right now.
+    async fn probe(
+        &self,
+        transport: &dyn Transport,
+        spec: &HealthSpec,
+        deadline: Duration,
+    ) -> Result<(), String>;
+
     /// Returns once `spec.successes` consecutive probes passed, or the last observation as the
     /// error once `spec.timeout` has passed.
     async fn wait_healthy(
@@ -38,6 +61,22 @@ pub struct HttpOverSsh;
 
 #[async_trait]
 impl HealthCheck for HttpOverSsh {
+    async fn probe(
+        &self,
+        transport: &dyn Transport,
+        spec: &HealthSpec,
+        deadline: Duration,
+    ) -> Result<(), String> {
+        match transport
+            .http_get(&spec.address, spec.port, &spec.path, deadline)
+            .await
+        {
+            Ok(status) if status == spec.expect_status => Ok(()),
+            Ok(status) => Err(format!("HTTP {status}, expected {}", spec.expect_status)),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     async fn wait_healthy(
         &self,
         transport: &dyn Transport,

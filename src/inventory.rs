@@ -68,6 +68,27 @@ pub struct BalancerConfig {
     pub pid_file: String,
     #[serde(with = "human")]
     pub drain_timeout: Duration,
+    /// Where the deploy lock and the rollout state live on the first load balancer.
+    pub state_dir: String,
+    /// The fewest healthy hosts that must stay in the pool while a batch is out.
+    pub min_healthy: MinHealthy,
+}
+
+/// `min_healthy`: a host count, or a share of the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MinHealthy {
+    Hosts(usize),
+    Percent(u8),
+}
+
+impl MinHealthy {
+    pub fn hosts(self, total: usize) -> usize {
+        match self {
+            MinHealthy::Hosts(n) => n,
+            MinHealthy::Percent(p) => (total * p as usize).div_ceil(100),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -201,6 +222,8 @@ impl Inventory {
                 "reload",
                 "pid_file",
                 "drain_timeout",
+                "state_dir",
+                "min_healthy",
             ],
         );
         let default_upstream = if app.name.is_empty() {
@@ -221,6 +244,15 @@ impl Inventory {
             ),
             pid_file: r.string(lb_t, "balancer", "pid_file", Some("/run/nginx.pid")),
             drain_timeout: r.duration(lb_t, "balancer", "drain_timeout", Some("30s")),
+            state_dir: String::new(),
+            min_healthy: r.min_healthy(lb_t),
+        };
+        let balancer = BalancerConfig {
+            state_dir: match r.optional_string(lb_t, "balancer", "state_dir") {
+                Some(dir) => dir,
+                None => default_state_dir(&balancer.upstream_file),
+            },
+            ..balancer
         };
 
         let hosts = r.hosts(&root);
@@ -238,6 +270,15 @@ impl Inventory {
 
     pub fn host(&self, name: &str) -> Option<&Host> {
         self.hosts.iter().find(|h| h.name == name)
+    }
+}
+
+/// Beside the upstream file, because whoever may rewrite that file may write there too.
+fn default_state_dir(upstream_file: &str) -> String {
+    match upstream_file.rsplit_once('/') {
+        Some(("", _)) => "/.roller".to_string(),
+        Some((dir, _)) => format!("{dir}/.roller"),
+        None => ".roller".to_string(),
     }
 }
 
@@ -448,6 +489,33 @@ impl Reader {
                     format!("{text:?} is not a duration like \"500ms\", \"10s\" or \"2m\""),
                 );
                 Duration::ZERO
+            }
+        }
+    }
+
+    fn min_healthy(&mut self, t: &Table) -> MinHealthy {
+        let path = "balancer.min_healthy";
+        match t.get("min_healthy") {
+            None => MinHealthy::Hosts(1),
+            Some(Value::Integer(n)) if *n >= 0 && *n <= 100_000 => MinHealthy::Hosts(*n as usize),
+            Some(Value::String(s)) => {
+                match s.trim().strip_suffix('%').map(|p| p.trim().parse::<u8>()) {
+                    Some(Ok(p)) if p <= 100 => MinHealthy::Percent(p),
+                    _ => {
+                        self.problem(
+                            path,
+                            format!("{s:?} is not a host count (2) or a percentage (\"75%\")"),
+                        );
+                        MinHealthy::Hosts(1)
+                    }
+                }
+            }
+            Some(other) => {
+                self.problem(
+                    path,
+                    format!("must be a host count or a percentage like \"75%\", got {other}"),
+                );
+                MinHealthy::Hosts(1)
             }
         }
     }

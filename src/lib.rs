@@ -9,6 +9,7 @@ pub mod error;
 pub mod executor;
 pub mod health;
 pub mod inventory;
+pub mod journal;
 pub mod lock;
 pub mod plan;
 pub mod remote;

@@ -171,7 +171,7 @@ pub enum LockError {
 fn held_message(holder: &LockInfo, now: u64) -> String {
     format!(
         "another rollout holds the deploy lock: {owner} (pid {pid}) is rolling out {release} since {started} ({ago} ago); \
-         its lease runs until {until} ({left}). Wait for it to finish (--wait), or, if that controller is gone, \
+         its lease runs until {until} ({left}). Wait for it to finish (--lock-wait DURATION), or, if that controller is gone, \
          let the lease expire or run `roller unlock`",
         owner = holder.owner,
         pid = holder.pid,

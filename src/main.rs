@@ -1,22 +1,28 @@
 //! The `roller` command line: parses flags, wires the library together, and is the only place
 //! where outcomes become exit codes.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio::sync::watch;
 
 use roller::balancer::Nginx;
-use roller::error::Error;
-use roller::executor::{self, Executor};
+use roller::error::{Error, HostFailure};
+use roller::executor::{self, Executor, ExecutorInput, FailurePolicy, Options, StateSink};
 use roller::health::HttpOverSsh;
 use roller::inventory::Inventory;
+use roller::journal::{self, Journal, Progress, RolloutState, Status, Tee};
+use roller::lock::{self, Acquired, LeaseKeeper, LockError, LockInfo, LockSpec};
 use roller::plan::{Artifact, BatchSize, Plan, PlanInput};
 use roller::report::{
     JsonReporter, Outcome, PlainReporter, ProgressReporter, Reporter, RolloutReport,
 };
+use roller::transport::Transport;
 use roller::transport::ssh::{SshConnector, SshSettings};
 
 /// Exit codes, documented in the README.
@@ -27,7 +33,14 @@ mod exit {
     pub const PREFLIGHT: u8 = 3;
     pub const ROLLED_BACK: u8 = 4;
     pub const ROLLBACK_INCOMPLETE: u8 = 5;
+    pub const HALTED: u8 = 6;
+    pub const LOCKED: u8 = 7;
+    pub const INTERRUPTED: u8 = 130;
 }
+
+/// How long a deploy lock lives without renewal: long enough to ride out a network blip, short
+/// enough that a dead controller's lock frees itself before anyone needs `roller unlock`.
+const LOCK_LEASE: Duration = Duration::from_secs(60);
 
 #[derive(Parser)]
 #[command(
@@ -43,16 +56,31 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Print what a rollout would do, offline: no network, no SSH.
-    Plan(RolloutArgs),
-    /// Perform the rollout.
+    Plan(PlanArgs),
+    /// Perform a rollout.
     Rollout(RolloutArgs),
+    /// Finish a rollout that was interrupted, halted, or whose controller died.
+    Resume(ResumeArgs),
+    /// Put every host back on its release from before an unfinished rollout, and in the pool.
+    Recover(ResumeArgs),
+    /// Remove the deploy lock, whoever holds it.
+    Unlock(UnlockArgs),
 }
 
 #[derive(Args)]
-struct RolloutArgs {
+struct Common {
     /// Inventory file.
     #[arg(long, short = 'i', default_value = "roller.toml")]
     inventory: PathBuf,
+    /// `text` for people; `json` for release jobs (one document, or one event per line).
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    #[command(flatten)]
+    common: Common,
     /// The jar to roll out. `plan` accepts its absence when --release is given.
     #[arg(long, short = 'a')]
     artifact: Option<PathBuf>,
@@ -62,15 +90,73 @@ struct RolloutArgs {
     /// Hosts per batch: a count (1) or a share of the fleet (25%).
     #[arg(long, short = 'b', default_value = "1")]
     batch: BatchSize,
-    /// `text` for people; `json` for release jobs (one document, or one event per line).
-    #[arg(long, value_enum, default_value_t = Output::Text)]
-    output: Output,
+}
+
+#[derive(Args)]
+struct Control {
+    /// Wait this long for another rollout's deploy lock instead of failing at once ("10m").
+    #[arg(long, value_parser = humantime::parse_duration)]
+    lock_wait: Option<Duration>,
+    /// Where the local journal is written [default: $XDG_STATE_HOME/roller or ~/.local/state/roller].
+    #[arg(long)]
+    journal_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RolloutArgs {
+    #[command(flatten)]
+    plan: PlanArgs,
+    #[command(flatten)]
+    control: Control,
+    /// What to do when a batch fails.
+    #[arg(long, value_enum, default_value_t = Policy::RollbackBatch)]
+    on_failure: Policy,
+    /// Hosts that may fail, each rolled back alone, before a batch fails as a whole.
+    #[arg(long, default_value_t = 0)]
+    max_failed_hosts: usize,
+}
+
+#[derive(Args)]
+struct ResumeArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    control: Control,
+    /// Read the rollout's state from this local journal instead of the load balancer.
+    #[arg(long)]
+    journal: Option<PathBuf>,
+    /// The jar, when it is no longer where the interrupted rollout read it.
+    #[arg(long, short = 'a')]
+    artifact: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct UnlockArgs {
+    #[command(flatten)]
+    common: Common,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
     Text,
     Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Policy {
+    RollbackBatch,
+    RollbackAll,
+    Halt,
+}
+
+impl From<Policy> for FailurePolicy {
+    fn from(p: Policy) -> FailurePolicy {
+        match p {
+            Policy::RollbackBatch => FailurePolicy::RollbackBatch,
+            Policy::RollbackAll => FailurePolicy::RollbackAll,
+            Policy::Halt => FailurePolicy::Halt,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -82,9 +168,11 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let (args, rollout) = match &cli.command {
-        Command::Plan(args) => (args, false),
-        Command::Rollout(args) => (args, true),
+    let output = match &cli.command {
+        Command::Plan(a) => a.common.output,
+        Command::Rollout(a) => a.plan.common.output,
+        Command::Resume(a) | Command::Recover(a) => a.common.output,
+        Command::Unlock(a) => a.common.output,
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -93,15 +181,17 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::INTERNAL);
         }
     };
-    let result = if rollout {
-        runtime.block_on(rollout_command(args))
-    } else {
-        plan_command(args)
+    let result = match &cli.command {
+        Command::Plan(args) => plan_command(args),
+        Command::Rollout(args) => runtime.block_on(rollout_command(args)),
+        Command::Resume(args) => runtime.block_on(resume_command(args, false)),
+        Command::Recover(args) => runtime.block_on(resume_command(args, true)),
+        Command::Unlock(args) => runtime.block_on(unlock_command(args)),
     };
     match result {
         Ok(code) => ExitCode::from(code),
         Err(error) => {
-            report_error(&error, args.output);
+            report_error(&error, output);
             ExitCode::from(exit_code(&error))
         }
     }
@@ -113,7 +203,8 @@ fn exit_code(error: &Error) -> u8 {
         | Error::Inventory { .. }
         | Error::Usage { .. }
         | Error::Artifact { .. } => exit::BAD_INPUT,
-        Error::Preflight { .. } => exit::PREFLIGHT,
+        Error::Preflight { .. } | Error::Unfinished(_) | Error::State(_) => exit::PREFLIGHT,
+        Error::Locked(_) => exit::LOCKED,
     }
 }
 
@@ -122,6 +213,8 @@ fn outcome_code(outcome: Outcome) -> u8 {
         Outcome::Succeeded => exit::OK,
         Outcome::RolledBack => exit::ROLLED_BACK,
         Outcome::RollbackIncomplete => exit::ROLLBACK_INCOMPLETE,
+        Outcome::Halted => exit::HALTED,
+        Outcome::Interrupted => exit::INTERRUPTED,
     }
 }
 
@@ -139,6 +232,9 @@ fn report_error(error: &Error, output: Output) {
             }
             Error::Usage { flag, .. } => serde_json::json!({ "kind": "usage", "flag": flag }),
             Error::Artifact { path, .. } => serde_json::json!({ "kind": "artifact", "path": path }),
+            Error::Locked(_) => serde_json::json!({ "kind": "locked" }),
+            Error::Unfinished(_) => serde_json::json!({ "kind": "unfinished" }),
+            Error::State(_) => serde_json::json!({ "kind": "state" }),
         };
         println!(
             "{}",
@@ -148,53 +244,37 @@ fn report_error(error: &Error, output: Output) {
     eprintln!("error: {error}");
 }
 
-struct Prepared {
-    inventory: Inventory,
-    plan: Plan,
-    balancer: Nginx,
+fn load_inventory(common: &Common) -> Result<(Inventory, Nginx), Error> {
+    let inventory = Inventory::load(&common.inventory)?;
+    let balancer = Nginx::new(&inventory.balancer, &inventory.app, &inventory.hosts);
+    Ok((inventory, balancer))
 }
 
-/// Everything that can be checked without touching a host, in the order a user fixes things.
-fn prepare(args: &RolloutArgs, need_artifact: bool) -> Result<Prepared, Error> {
-    let inventory = Inventory::load(&args.inventory)?;
-    let artifact = match &args.artifact {
-        Some(path) => Some(Artifact::load(path)?),
-        None if need_artifact => {
-            return Err(Error::Usage {
-                flag: "--artifact".into(),
-                message: "a rollout needs the jar to upload".into(),
-            });
-        }
-        None => None,
-    };
-    let release = match (&args.release, &artifact) {
-        (Some(r), _) => r.clone(),
-        (None, Some(a)) => a.default_release(),
-        (None, None) => {
-            return Err(Error::Usage {
-                flag: "--release".into(),
-                message: "give --artifact, --release, or both".into(),
-            });
-        }
-    };
-    let balancer = Nginx::new(&inventory.balancer, &inventory.app, &inventory.hosts);
+fn release_for(release: &Option<String>, artifact: &Option<Artifact>) -> Result<String, Error> {
+    match (release, artifact) {
+        (Some(r), _) => Ok(r.clone()),
+        (None, Some(a)) => Ok(a.default_release()),
+        (None, None) => Err(Error::Usage {
+            flag: "--release".into(),
+            message: "give --artifact, --release, or both".into(),
+        }),
+    }
+}
+
+fn plan_command(args: &PlanArgs) -> Result<u8, Error> {
+    let (inventory, balancer) = load_inventory(&args.common)?;
+    let artifact = args.artifact.as_deref().map(Artifact::load).transpose()?;
     let plan = Plan::build(PlanInput {
         inventory: &inventory,
         balancer: &balancer,
-        release,
+        release: release_for(&args.release, &artifact)?,
         artifact,
         batch: args.batch,
+        observed: None,
+        unfinished: &BTreeSet::new(),
+        targets: None,
     })?;
-    Ok(Prepared {
-        inventory,
-        plan,
-        balancer,
-    })
-}
-
-fn plan_command(args: &RolloutArgs) -> Result<u8, Error> {
-    let Prepared { plan, .. } = prepare(args, false)?;
-    match args.output {
+    match args.common.output {
         Output::Text => print!("{}", plan.render_text()),
         Output::Json => println!(
             "{}",
@@ -204,44 +284,554 @@ fn plan_command(args: &RolloutArgs) -> Result<u8, Error> {
     Ok(exit::OK)
 }
 
+/// What a rollout, a resumed rollout and a recovery have in common.
+struct Job {
+    inventory: Inventory,
+    inventory_path: PathBuf,
+    balancer: Nginx,
+    output: Output,
+    release: String,
+    artifact: Option<Artifact>,
+    batch: BatchSize,
+    batch_text: String,
+    options: Options,
+    lock_wait: Option<Duration>,
+    journal_dir: PathBuf,
+    kind: JobKind,
+}
+
+enum JobKind {
+    Rollout,
+    /// Finishes the rollout in this state.
+    Resume(RolloutState),
+    /// Returns every host to its release from before the rollout in this state.
+    Recover(RolloutState),
+}
+
 async fn rollout_command(args: &RolloutArgs) -> Result<u8, Error> {
-    let Prepared {
+    let (inventory, balancer) = load_inventory(&args.plan.common)?;
+    let Some(path) = &args.plan.artifact else {
+        return Err(Error::Usage {
+            flag: "--artifact".into(),
+            message: "a rollout needs the jar to upload".into(),
+        });
+    };
+    let artifact = Artifact::load(path)?;
+    let release = release_for(&args.plan.release, &Some(artifact.clone()))?;
+    let job = Job {
+        options: options(
+            &args.plan.common,
+            args.on_failure.into(),
+            args.max_failed_hosts,
+        ),
+        inventory_path: args.plan.common.inventory.clone(),
         inventory,
-        plan,
         balancer,
-    } = prepare(args, true)?;
-    let connector = SshConnector::new(SshSettings {
-        user: inventory.ssh.user.clone(),
-        identity: inventory.ssh.identity.clone(),
-        known_hosts: inventory.ssh.known_hosts.clone(),
-        connect_timeout: inventory.ssh.connect_timeout,
+        output: args.plan.common.output,
+        release,
+        artifact: Some(artifact),
+        batch: args.plan.batch,
+        batch_text: batch_text(args.plan.batch),
+        lock_wait: args.control.lock_wait,
+        journal_dir: journal_dir(&args.control),
+        kind: JobKind::Rollout,
+    };
+    drive(job).await
+}
+
+async fn resume_command(args: &ResumeArgs, recover: bool) -> Result<u8, Error> {
+    let (inventory, balancer) = load_inventory(&args.common)?;
+    let state = match &args.journal {
+        Some(path) => Journal::last_state(path)
+            .map_err(|e| Error::State(format!("cannot read journal {}: {e}", path.display())))?
+            .ok_or_else(|| {
+                Error::Unfinished(format!("journal {} holds no rollout state", path.display()))
+            })?,
+        None => read_remote_state(&inventory).await?.ok_or_else(|| {
+            Error::Unfinished(format!(
+                "no rollout of {} is recorded on {}: nothing to {}",
+                inventory.app.name,
+                inventory.balancer.hosts[0],
+                if recover { "recover" } else { "resume" }
+            ))
+        })?,
+    };
+    if !state.status.unfinished() {
+        return Err(Error::Unfinished(format!(
+            "rollout {} of {} already ended ({:?}): nothing to {}",
+            state.id,
+            state.release,
+            state.status,
+            if recover { "recover" } else { "resume" }
+        )));
+    }
+    let artifact = if recover {
+        None
+    } else {
+        match args.artifact.as_ref().or(state.artifact.as_ref()) {
+            Some(path) if path.exists() || args.artifact.is_some() => {
+                let artifact = Artifact::load(path)?;
+                if state
+                    .artifact_sha256
+                    .as_ref()
+                    .is_some_and(|sha| sha != &artifact.sha256)
+                {
+                    return Err(Error::Artifact {
+                        path: path.clone(),
+                        message: format!(
+                            "is not the jar of release {} (its sha256 differs from the one recorded)",
+                            state.release
+                        ),
+                    });
+                }
+                Some(artifact)
+            }
+            // Every host may already hold the jar; a host that does not fails at `switch`.
+            _ => None,
+        }
+    };
+    let on_failure = match state.on_failure.as_str() {
+        "rollback-all" => FailurePolicy::RollbackAll,
+        "halt" => FailurePolicy::Halt,
+        _ => FailurePolicy::RollbackBatch,
+    };
+    let batch: BatchSize = state.batch.parse().unwrap_or(BatchSize::Hosts(1));
+    let job = Job {
+        options: options(&args.common, on_failure, state.max_failed_hosts),
+        inventory_path: args.common.inventory.clone(),
+        inventory,
+        balancer,
+        output: args.common.output,
+        release: state.release.clone(),
+        artifact,
+        batch,
+        batch_text: state.batch.clone(),
+        lock_wait: args.control.lock_wait,
+        journal_dir: journal_dir(&args.control),
+        kind: if recover {
+            JobKind::Recover(state)
+        } else {
+            JobKind::Resume(state)
+        },
+    };
+    drive(job).await
+}
+
+async fn unlock_command(args: &UnlockArgs) -> Result<u8, Error> {
+    let (inventory, _) = load_inventory(&args.common)?;
+    let lb = connect_first_balancer(&inventory).await?;
+    let removed = lock::unlock(lb.as_ref(), &lock_spec(&inventory))
+        .await
+        .map_err(|e| Error::State(e.to_string()));
+    lb.close().await;
+    let removed = removed?;
+    record_lock_event(
+        &journal::Journal::default_dir(),
+        &inventory.app.name,
+        "unlock",
+        serde_json::json!({ "removed": removed }),
+    );
+    match (&removed, args.common.output) {
+        (_, Output::Json) => println!(
+            "{}",
+            serde_json::json!({ "event": "unlocked", "removed": removed })
+        ),
+        (Some(holder), Output::Text) => println!("removed the deploy lock held by {holder}"),
+        (None, Output::Text) => println!("there was no deploy lock"),
+    }
+    Ok(exit::OK)
+}
+
+fn options(common: &Common, on_failure: FailurePolicy, max_failed_hosts: usize) -> Options {
+    let inv = common.inventory.display();
+    Options {
+        on_failure,
+        max_failed_hosts,
+        resume_hint: format!("roller resume --inventory {inv}"),
+        recover_hint: format!("roller recover --inventory {inv}"),
+    }
+}
+
+fn batch_text(batch: BatchSize) -> String {
+    match batch {
+        BatchSize::Hosts(n) => n.to_string(),
+        BatchSize::Percent(p) => format!("{p}%"),
+    }
+}
+
+fn journal_dir(control: &Control) -> PathBuf {
+    control
+        .journal_dir
+        .clone()
+        .unwrap_or_else(Journal::default_dir)
+}
+
+fn lock_spec(inv: &Inventory) -> LockSpec {
+    LockSpec {
+        state_dir: inv.balancer.state_dir.clone(),
+        app: inv.app.name.clone(),
+        lease: LOCK_LEASE,
+    }
+}
+
+fn connector(inv: &Inventory) -> Result<SshConnector, Error> {
+    SshConnector::new(SshSettings {
+        user: inv.ssh.user.clone(),
+        identity: inv.ssh.identity.clone(),
+        known_hosts: inv.ssh.known_hosts.clone(),
+        connect_timeout: inv.ssh.connect_timeout,
         max_channels_per_host: 8,
         max_concurrent_connects: 8,
     })
     .map_err(|e| Error::Preflight {
-        failures: vec![roller::error::HostFailure {
+        failures: vec![HostFailure {
             host: "(controller)".into(),
             step: "ssh setup".into(),
             message: e.to_string(),
         }],
+    })
+}
+
+async fn connect_first_balancer(inv: &Inventory) -> Result<Arc<dyn Transport>, Error> {
+    use roller::transport::Connector;
+    let connector = connector(inv)?;
+    let endpoint = executor::endpoints(inv)
+        .into_iter()
+        .find(|e| e.name == inv.balancer.hosts[0])
+        .expect("the first load balancer is an endpoint");
+    connector
+        .connect(&endpoint)
+        .await
+        .map_err(|e| Error::Preflight {
+            failures: vec![HostFailure {
+                host: endpoint.name,
+                step: "connect".into(),
+                message: e.to_string(),
+            }],
+        })
+}
+
+async fn read_remote_state(inv: &Inventory) -> Result<Option<RolloutState>, Error> {
+    let lb = connect_first_balancer(inv).await?;
+    let state = read_state(lb.as_ref(), inv).await;
+    lb.close().await;
+    state
+}
+
+async fn read_state(lb: &dyn Transport, inv: &Inventory) -> Result<Option<RolloutState>, Error> {
+    let command = journal::read_state_command(&inv.balancer.state_dir, &inv.app.name);
+    let out = lb
+        .exec(&command, None, Duration::from_secs(30))
+        .await
+        .map_err(|e| Error::State(format!("cannot read the rollout state: {e}")))?;
+    if !out.success() {
+        return Err(Error::State(format!(
+            "cannot read the rollout state: {}",
+            out.stderr_text()
+        )));
+    }
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(&out.stdout).map(Some).map_err(|e| {
+        Error::State(format!(
+            "the rollout state on the load balancer is unreadable: {e}"
+        ))
+    })
+}
+
+fn record_lock_event(dir: &std::path::Path, app: &str, kind: &str, body: serde_json::Value) {
+    match Journal::create(dir, app, "locks") {
+        Ok(j) => j.record(kind, body),
+        Err(e) => tracing::warn!("cannot record {kind} in {}: {e}", dir.display()),
+    }
+}
+
+/// Turns Ctrl-C and SIGTERM into an interrupt; a second one only warns, because stopping in
+/// the middle of a rollback is what would strand hosts.
+fn watch_signals(tx: watch::Sender<Option<String>>) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("cannot watch SIGTERM: {e}");
+                    return;
+                }
+            };
+        let mut count = 0;
+        loop {
+            let name = tokio::select! {
+                r = tokio::signal::ctrl_c() => { if r.is_err() { return; } "SIGINT" }
+                _ = term.recv() => "SIGTERM",
+            };
+            count += 1;
+            if count == 1 {
+                eprintln!(
+                    "roller: {name} received: finishing the step in progress, then returning every host to the pool"
+                );
+                let _ = tx.send(Some(format!("{name} received")));
+            } else {
+                eprintln!(
+                    "roller: {name} again: still restoring the fleet, and stopping now would leave hosts out of the pool; roller exits as soon as it is done (kill -9 leaves a journal for `roller resume` or `roller recover`)"
+                );
+            }
+        }
+    });
+}
+
+async fn drive(job: Job) -> Result<u8, Error> {
+    let (interrupt_tx, interrupt) = watch::channel(None);
+    watch_signals(interrupt_tx.clone());
+    let inv = &job.inventory;
+    let connector: Arc<dyn roller::transport::Connector> = Arc::new(connector(inv)?);
+    let sessions = executor::connect(inv, connector).await?;
+    let lb = sessions[&inv.balancer.hosts[0]].clone();
+    let result = locked(&job, &sessions, lb.clone(), interrupt, interrupt_tx).await;
+    for session in sessions.values() {
+        session.close().await;
+    }
+    result
+}
+
+/// Everything that happens while holding the deploy lock.
+async fn locked(
+    job: &Job,
+    sessions: &executor::Sessions,
+    lb: Arc<dyn Transport>,
+    interrupt: executor::Interrupt,
+    interrupt_tx: watch::Sender<Option<String>>,
+) -> Result<u8, Error> {
+    let inv = &job.inventory;
+    let spec = lock_spec(inv);
+    let mut me = LockInfo::new_for(&job.release);
+    if let JobKind::Resume(state) | JobKind::Recover(state) = &job.kind {
+        me.token = state.id.clone();
+    }
+    let acquired = match lock::acquire(lb.as_ref(), &spec, &me, job.lock_wait).await {
+        Ok((_, acquired)) => acquired,
+        Err(e @ LockError::Held { .. }) => return Err(Error::Locked(e.to_string())),
+        Err(e) => return Err(Error::State(e.to_string())),
+    };
+    let keeper = LeaseKeeper::start(lb.clone(), spec.clone(), me.token.clone());
+    let mut lost = keeper.lost();
+    tokio::spawn(async move {
+        while lost.changed().await.is_ok() {
+            if let Some(reason) = lost.borrow().clone() {
+                let _ = interrupt_tx.send(Some(reason));
+                return;
+            }
+        }
+    });
+    let result = with_lock(job, sessions, lb.as_ref(), &me, acquired, interrupt).await;
+    keeper.stop().await;
+    if let Err(e) = lock::release(lb.as_ref(), &spec, &me.token).await {
+        eprintln!("warning: could not release the deploy lock: {e}");
+    }
+    result
+}
+
+async fn with_lock(
+    job: &Job,
+    sessions: &executor::Sessions,
+    lb: &dyn Transport,
+    me: &LockInfo,
+    acquired: Acquired,
+    interrupt: executor::Interrupt,
+) -> Result<u8, Error> {
+    let inv = &job.inventory;
+    let journal = Arc::new(
+        Journal::create(&job.journal_dir, &inv.app.name, &me.token).map_err(|e| {
+            Error::State(format!(
+                "cannot write the journal in {}: {e}",
+                job.journal_dir.display()
+            ))
+        })?,
+    );
+    journal.record(
+        "lock",
+        serde_json::json!({ "acquired": format!("{acquired:?}"), "holder": me }),
+    );
+    if let Acquired::TookOver { expired } = &acquired {
+        eprintln!("warning: took over an expired deploy lock from {expired}");
+        record_lock_event(
+            &job.journal_dir,
+            &inv.app.name,
+            "took-over",
+            serde_json::json!({ "expired": expired, "by": me }),
+        );
+    }
+
+    // What an earlier rollout left behind decides what this one may do.
+    let prior = read_state(lb, inv).await?;
+    let mut unfinished = BTreeSet::new();
+    let mut before_prior = None;
+    let previous = match (&job.kind, prior) {
+        (JobKind::Resume(s) | JobKind::Recover(s), _) => Some(s.clone()),
+        (JobKind::Rollout, Some(p)) if p.status.stranded() && p.id != me.token => {
+            if p.release != job.release {
+                return Err(Error::Unfinished(format!(
+                    "rollout {} of {} is unfinished ({:?}); finish it with `{}` or undo it with `{}` first",
+                    p.id, p.release, p.status, job.options.resume_hint, job.options.recover_hint
+                )));
+            }
+            // The same release again: pick up where that one stopped.
+            Some(p)
+        }
+        _ => None,
+    };
+    if let Some(p) = &previous {
+        unfinished = p
+            .hosts
+            .iter()
+            .filter(|(_, progress)| {
+                matches!(
+                    progress,
+                    Progress::Drained | Progress::Switched | Progress::Restarted | Progress::Failed
+                )
+            })
+            .map(|(h, _)| h.clone())
+            .collect();
+        before_prior = Some(p.before.clone());
+    }
+
+    let reporter = reporter(job, &journal);
+    let observed = executor::preflight(
+        inv,
+        &job.balancer,
+        &HttpOverSsh,
+        sessions,
+        job.artifact.as_ref().map(|a| a.bytes),
+        reporter.as_ref(),
+    )
+    .await?;
+
+    let recover_targets: Option<BTreeMap<String, String>> = match &job.kind {
+        JobKind::Recover(state) => Some(
+            state
+                .before
+                .iter()
+                .filter_map(|(h, r)| r.clone().map(|r| (h.clone(), r)))
+                .collect(),
+        ),
+        _ => None,
+    };
+    let release = match &recover_targets {
+        Some(targets) => most_common(targets.values()).unwrap_or_else(|| job.release.clone()),
+        None => job.release.clone(),
+    };
+    let plan = Plan::build(PlanInput {
+        inventory: inv,
+        balancer: &job.balancer,
+        release: release.clone(),
+        artifact: job.artifact.clone(),
+        batch: job.batch,
+        observed: Some(&observed),
+        unfinished: &unfinished,
+        targets: recover_targets.as_ref(),
     })?;
-    let reporter: Arc<dyn Reporter> = match args.output {
+    if let Some(targets) = &recover_targets {
+        let lost: Vec<&String> = inv
+            .hosts
+            .iter()
+            .map(|h| &h.name)
+            .filter(|h| !targets.contains_key(*h))
+            .collect();
+        if !lost.is_empty() {
+            eprintln!(
+                "warning: no release from before the rollout is recorded for {}: left as they are",
+                lost.iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+
+    let before = before_prior.unwrap_or_else(|| {
+        observed
+            .iter()
+            .map(|(h, o)| (h.clone(), o.release.clone()))
+            .collect()
+    });
+    let state = RolloutState {
+        id: me.token.clone(),
+        app: inv.app.name.clone(),
+        release: job.release.clone(),
+        artifact: job.artifact.as_ref().map(|a| a.path.clone()),
+        artifact_sha256: job.artifact.as_ref().map(|a| a.sha256.clone()),
+        batch: job.batch_text.clone(),
+        on_failure: job.options.on_failure.as_str().to_string(),
+        max_failed_hosts: job.options.max_failed_hosts,
+        controller: me.owner.clone(),
+        started: journal::now_secs(),
+        updated: journal::now_secs(),
+        status: Status::Running,
+        before,
+        hosts: BTreeMap::new(),
+        out_of_pool: Vec::new(),
+    };
+    let sink = StateSink {
+        session: sessions[&inv.balancer.hosts[0]].clone(),
+        state_dir: inv.balancer.state_dir.clone(),
+        journal: Some(journal.clone()),
+        state: Mutex::new(state),
+    };
+    let executor = Executor::new(ExecutorInput {
+        plan: &plan,
+        balancer: &job.balancer,
+        health: &HttpOverSsh,
+        sessions,
+        reporter: reporter.clone(),
+        options: job.options.clone(),
+        interrupt,
+        sink: Some(&sink),
+        observed: &observed,
+    });
+    let report: RolloutReport = executor.run().await?;
+    if matches!(job.kind, JobKind::Recover(_)) && report.outcome == Outcome::Succeeded {
+        let state = {
+            let mut s = sink.state.lock().expect("state lock");
+            s.status = Status::Recovered;
+            s.clone()
+        };
+        let json = serde_json::to_vec_pretty(&state).expect("state serializes");
+        let command = journal::write_state_command(&inv.balancer.state_dir, &inv.app.name);
+        let _ = lb
+            .exec(&command, Some(json.into()), Duration::from_secs(30))
+            .await;
+        journal.record_state(&state);
+    }
+    reporter.finish(&report);
+    if job.output == Output::Text {
+        print!("{}", report.render_text());
+        eprintln!("journal: {}", journal.path().display());
+    }
+    let _ = &job.inventory_path;
+    Ok(outcome_code(report.outcome))
+}
+
+fn reporter(job: &Job, journal: &Arc<Journal>) -> Arc<dyn Reporter> {
+    let display: Arc<dyn Reporter> = match job.output {
         Output::Json => Arc::new(JsonReporter),
         Output::Text if std::io::stderr().is_terminal() => {
-            let mut targets: Vec<String> = plan.hosts.iter().map(|h| h.name.clone()).collect();
-            targets.extend(plan.balancers.iter().cloned());
+            let mut targets: Vec<String> =
+                job.inventory.hosts.iter().map(|h| h.name.clone()).collect();
+            targets.extend(job.inventory.balancer.hosts.iter().cloned());
             Arc::new(ProgressReporter::new(&targets))
         }
         Output::Text => Arc::new(PlainReporter),
     };
-    let sessions = executor::connect(&plan, inventory.ssh.port, &connector).await?;
-    let executor = Executor::new(&plan, &balancer, &HttpOverSsh, sessions, reporter.clone());
-    let result = executor.run().await;
-    executor.close().await;
-    let report: RolloutReport = result?;
-    reporter.finish(&report);
-    if args.output == Output::Text {
-        print!("{}", report.render_text());
+    Arc::new(Tee(vec![journal.clone(), display]))
+}
+
+fn most_common<'a>(values: impl Iterator<Item = &'a String>) -> Option<String> {
+    let mut counts: BTreeMap<&String, usize> = BTreeMap::new();
+    for v in values {
+        *counts.entry(v).or_default() += 1;
     }
-    Ok(outcome_code(report.outcome))
+    counts
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(v, _)| v.clone())
 }

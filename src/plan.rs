@@ -2,6 +2,7 @@
 //! remote command. `roller plan` prints this object and `roller rollout` executes it, so what
 //! an operator reviews is what runs.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -136,6 +137,10 @@ pub struct Plan {
     pub reload: String,
     /// Run on every host and load balancer before anything changes.
     pub preflight: Phase,
+    /// Hosts left out of every batch, and why (already on the release and healthy).
+    pub skipped: Vec<Skipped>,
+    /// The release each host in a batch is switched to.
+    pub targets: BTreeMap<String, String>,
     /// Uploads to every host in parallel, before the first batch leaves the pool.
     pub stage: Phase,
     pub batches: Vec<Batch>,
@@ -144,13 +149,25 @@ pub struct Plan {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    pub host: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct Batch {
     pub number: usize,
     pub hosts: Vec<String>,
+    /// Hosts outside this batch that stay out of the pool while it runs: unhealthy at
+    /// pre-flight and waiting for a later batch to fix them.
+    pub held_out: Vec<String>,
     pub phases: Vec<Phase>,
     /// Run instead of the remaining phases when one of them fails. Steps of a host that never
     /// reached `switch` are skipped: it is still on its previous release.
     pub rollback: Vec<Phase>,
+    /// Takes this batch, once completed, back to its previous release (`--on-failure
+    /// rollback-all`), with the same care as going forward.
+    pub undo: Vec<Phase>,
 }
 
 /// Steps that run concurrently; the next phase starts when all of them succeeded.
@@ -165,6 +182,7 @@ pub struct Phase {
 pub enum PhaseName {
     Preflight,
     Stage,
+    CapacityCheck,
     RemoveFromPool,
     Drain,
     Switch,
@@ -180,6 +198,7 @@ impl PhaseName {
         match self {
             PhaseName::Preflight => "preflight",
             PhaseName::Stage => "stage",
+            PhaseName::CapacityCheck => "capacity-check",
             PhaseName::RemoveFromPool => "remove-from-pool",
             PhaseName::Drain => "drain",
             PhaseName::Switch => "switch",
@@ -211,7 +230,12 @@ pub struct Step {
 pub enum Role {
     App,
     Balancer,
+    /// A check across hosts, run by the controller over their sessions.
+    Fleet,
 }
+
+/// The fleet-wide capacity guard's target name in events and reports.
+pub const FLEET: &str = "fleet";
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
@@ -245,6 +269,23 @@ pub enum Action {
         timeout: Duration,
         successes: u32,
     },
+    /// Probes every host that stays in the pool once; fails when fewer than `min_healthy`
+    /// answer healthy.
+    CapacityCheck {
+        staying: Vec<String>,
+        min_healthy: usize,
+        path: String,
+        port: u16,
+        expect_status: u16,
+    },
+}
+
+/// A host as pre-flight found it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Observed {
+    pub release: Option<String>,
+    pub healthy: bool,
+    pub in_pool: bool,
 }
 
 pub struct PlanInput<'a> {
@@ -253,9 +294,41 @@ pub struct PlanInput<'a> {
     pub release: String,
     pub artifact: Option<Artifact>,
     pub batch: BatchSize,
+    /// What pre-flight found; `None` for `roller plan`, which touches no host.
+    pub observed: Option<&'a BTreeMap<String, Observed>>,
+    /// Hosts a previous run left partway: never skipped, and deployed first.
+    pub unfinished: &'a BTreeSet<String>,
+    /// Per-host releases for `recover`; `None` means `release` everywhere.
+    pub targets: Option<&'a BTreeMap<String, String>>,
 }
 
 impl Plan {
+    /// The checks run before anything changes; the same phase heads every plan.
+    pub fn preflight(inv: &Inventory, balancer: &dyn Balancer) -> Phase {
+        let mut steps: Vec<Step> = inv
+            .hosts
+            .iter()
+            .map(|h| Step {
+                target: h.name.clone(),
+                role: Role::App,
+                action: Action::Run {
+                    command: remote::preflight(&inv.app),
+                },
+            })
+            .collect();
+        steps.extend(inv.balancer.hosts.iter().map(|lb| Step {
+            target: lb.clone(),
+            role: Role::Balancer,
+            action: Action::Run {
+                command: balancer.test_command(),
+            },
+        }));
+        Phase {
+            name: PhaseName::Preflight,
+            steps,
+        }
+    }
+
     pub fn build(input: PlanInput<'_>) -> Result<Plan> {
         let PlanInput {
             inventory: inv,
@@ -263,6 +336,9 @@ impl Plan {
             release,
             artifact,
             batch,
+            observed,
+            unfinished,
+            targets,
         } = input;
         validate_release(&release)?;
         let total = inv.hosts.len();
@@ -275,15 +351,62 @@ impl Plan {
                 ),
             });
         }
+        let min_healthy = inv.balancer.min_healthy.hosts(total);
+        if total - per_batch < min_healthy {
+            return Err(Error::Usage {
+                flag: "--batch".into(),
+                message: format!(
+                    "a batch of {per_batch} leaves {} host(s) in the pool, below balancer.min_healthy ({min_healthy})",
+                    total - per_batch
+                ),
+            });
+        }
         let app = &inv.app;
+        let target_of = |h: &Host| -> String {
+            targets
+                .and_then(|t| t.get(&h.name).cloned())
+                .unwrap_or_else(|| release.clone())
+        };
+        let seen = |h: &Host| observed.and_then(|o| o.get(&h.name));
+
+        // Who needs work, in the order it gets it: hosts a previous run left partway, then
+        // hosts that are unhealthy now (fixing them first restores capacity), then the rest.
+        let mut skipped = Vec::new();
+        let mut todo: Vec<&Host> = Vec::new();
+        for h in &inv.hosts {
+            match seen(h) {
+                Some(o)
+                    if o.healthy
+                        && o.release.as_deref() == Some(target_of(h).as_str())
+                        && !unfinished.contains(&h.name) =>
+                {
+                    skipped.push(Skipped {
+                        host: h.name.clone(),
+                        reason: format!("already runs {} and is healthy", target_of(h)),
+                    })
+                }
+                _ => todo.push(h),
+            }
+        }
+        let rank = |h: &Host| {
+            if unfinished.contains(&h.name) {
+                0
+            } else if seen(h).is_some_and(|o| !o.healthy) {
+                1
+            } else {
+                2
+            }
+        };
+        todo.sort_by_key(|h| rank(h));
+        let unhealthy: BTreeSet<String> = todo
+            .iter()
+            .filter(|h| seen(h).is_some_and(|o| !o.healthy))
+            .map(|h| h.name.clone())
+            .collect();
+
         let lb_step = |address: &String, action: Action| Step {
             target: address.clone(),
             role: Role::Balancer,
-            action,
-        };
-        let app_step = |host: &Host, action: Action| Step {
-            target: host.name.clone(),
-            role: Role::App,
             action,
         };
         let set_pool = |down: &[String]| -> Vec<Step> {
@@ -304,7 +427,14 @@ impl Plan {
                 .collect()
         };
         let per_host = |hosts: &[&Host], action: &dyn Fn(&Host) -> Action| -> Vec<Step> {
-            hosts.iter().map(|h| app_step(h, action(h))).collect()
+            hosts
+                .iter()
+                .map(|h| Step {
+                    target: h.name.clone(),
+                    role: Role::App,
+                    action: action(h),
+                })
+                .collect()
         };
         let health = |h: &Host| Action::HealthCheck {
             address: h.address.clone(),
@@ -318,70 +448,99 @@ impl Plan {
         let restart = |_: &Host| Action::Run {
             command: app.restart.clone(),
         };
+        let switch_back = |_: &Host| Action::Run {
+            command: remote::switch_back(app),
+        };
+        let phase = |name, steps| Phase { name, steps };
 
-        let all: Vec<&Host> = inv.hosts.iter().collect();
-        let mut preflight = per_host(&all, &|_| Action::Run {
-            command: remote::preflight(app),
-        });
-        preflight.extend(inv.balancer.hosts.iter().map(|lb| {
-            lb_step(
-                lb,
-                Action::Run {
-                    command: balancer.test_command(),
-                },
-            )
-        }));
         let stage = match &artifact {
-            Some(a) => per_host(&all, &|_| Action::Upload {
-                check: remote::artifact_present(app, &release, &a.sha256),
-                upload: remote::upload(app, &release, &a.sha256),
+            Some(a) => per_host(&todo, &|h| Action::Upload {
+                check: remote::artifact_present(app, &target_of(h), &a.sha256),
+                upload: remote::upload(app, &target_of(h), &a.sha256),
             }),
             None => Vec::new(),
         };
 
-        let batches = all
+        let batches = todo
             .chunks(per_batch)
             .enumerate()
             .map(|(i, hosts)| {
                 let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
-                let drain = inv
-                    .balancer
+                let later: BTreeSet<&String> = todo
+                    .iter()
+                    .skip((i + 1) * per_batch)
+                    .map(|h| &h.name)
+                    .collect();
+                let held_out: Vec<String> = unhealthy
+                    .iter()
+                    .filter(|h| later.contains(h))
+                    .cloned()
+                    .collect();
+                let out: Vec<String> = names.iter().chain(&held_out).cloned().collect();
+                let staying: Vec<String> = inv
                     .hosts
                     .iter()
-                    .map(|lb| {
-                        lb_step(
-                            lb,
-                            Action::Drain {
-                                command: balancer.in_flight_command(hosts),
-                                timeout: inv.balancer.drain_timeout,
-                            },
-                        )
-                    })
+                    .map(|h| h.name.clone())
+                    .filter(|h| !out.contains(h))
                     .collect();
-                let phase = |name, steps| Phase { name, steps };
+                let drain = || -> Vec<Step> {
+                    inv.balancer
+                        .hosts
+                        .iter()
+                        .map(|lb| {
+                            lb_step(
+                                lb,
+                                Action::Drain {
+                                    command: balancer.in_flight_command(hosts),
+                                    timeout: inv.balancer.drain_timeout,
+                                },
+                            )
+                        })
+                        .collect()
+                };
+                let capacity = phase(
+                    PhaseName::CapacityCheck,
+                    vec![Step {
+                        target: FLEET.into(),
+                        role: Role::Fleet,
+                        action: Action::CapacityCheck {
+                            staying,
+                            min_healthy,
+                            path: inv.health.path.clone(),
+                            port: app.port,
+                            expect_status: inv.health.expect_status,
+                        },
+                    }],
+                );
                 Batch {
                     number: i + 1,
                     hosts: names.clone(),
+                    held_out: held_out.clone(),
                     phases: vec![
-                        phase(PhaseName::RemoveFromPool, set_pool(&names)),
-                        phase(PhaseName::Drain, drain),
+                        capacity.clone(),
+                        phase(PhaseName::RemoveFromPool, set_pool(&out)),
+                        phase(PhaseName::Drain, drain()),
                         phase(
                             PhaseName::Switch,
-                            per_host(hosts, &|_| Action::Run {
-                                command: remote::switch(app, &release),
+                            per_host(hosts, &|h| Action::Run {
+                                command: remote::switch(app, &target_of(h)),
                             }),
                         ),
                         phase(PhaseName::Restart, per_host(hosts, &restart)),
                         phase(PhaseName::HealthCheck, per_host(hosts, &health)),
-                        phase(PhaseName::ReturnToPool, set_pool(&[])),
+                        phase(PhaseName::ReturnToPool, set_pool(&held_out)),
                     ],
                     rollback: vec![
-                        phase(
-                            PhaseName::SwitchBack,
-                            per_host(hosts, &|_| Action::Run {
-                                command: remote::switch_back(app),
-                            }),
-                        ),
+                        phase(PhaseName::SwitchBack, per_host(hosts, &switch_back)),
+                        phase(PhaseName::Restart, per_host(hosts, &restart)),
+                        phase(PhaseName::HealthCheck, per_host(hosts, &health)),
+                        phase(PhaseName::ReturnToPool, set_pool(&held_out)),
+                    ],
+                    undo: vec![
+                        capacity,
+                        phase(PhaseName::RemoveFromPool, set_pool(&names)),
+                        phase(PhaseName::Drain, drain()),
+                        phase(PhaseName::SwitchBack, per_host(hosts, &switch_back)),
                         phase(PhaseName::Restart, per_host(hosts, &restart)),
                         phase(PhaseName::HealthCheck, per_host(hosts, &health)),
                         phase(PhaseName::ReturnToPool, set_pool(&[])),
@@ -390,6 +549,11 @@ impl Plan {
             })
             .collect();
 
+        let all: Vec<&Host> = inv.hosts.iter().collect();
+        let targets = todo
+            .iter()
+            .map(|h| (h.name.clone(), target_of(h)))
+            .collect();
         Ok(Plan {
             app: app.name.clone(),
             release,
@@ -398,21 +562,17 @@ impl Plan {
             balancers: inv.balancer.hosts.clone(),
             upstream_file: inv.balancer.upstream_file.clone(),
             reload: inv.balancer.reload.clone(),
-            preflight: Phase {
-                name: PhaseName::Preflight,
-                steps: preflight,
-            },
-            stage: Phase {
-                name: PhaseName::Stage,
-                steps: stage,
-            },
+            preflight: Plan::preflight(inv, balancer),
+            skipped,
+            targets,
+            stage: phase(PhaseName::Stage, stage),
             batches,
-            finish: Phase {
-                name: PhaseName::Prune,
-                steps: per_host(&all, &|_| Action::Run {
+            finish: phase(
+                PhaseName::Prune,
+                per_host(&all, &|_| Action::Run {
                     command: remote::prune(app),
                 }),
-            },
+            ),
             artifact,
         })
     }
@@ -443,6 +603,12 @@ impl Plan {
             "Pre-flight, before anything changes",
             &self.preflight,
         );
+        for s in &self.skipped {
+            out.push_str(&format!("\nSkipped: {} ({})", s.host, s.reason));
+        }
+        if !self.skipped.is_empty() {
+            out.push('\n');
+        }
         render_phase(
             &mut out,
             "Stage, in parallel, skipped where the jar is already present",
@@ -455,12 +621,24 @@ impl Plan {
                 self.batches.len(),
                 batch.hosts.join(", ")
             ));
+            if !batch.held_out.is_empty() {
+                out.push_str(&format!(
+                    "  Held out of the pool until their own batch (unhealthy at pre-flight): {}\n",
+                    batch.held_out.join(", ")
+                ));
+            }
             for (i, phase) in batch.phases.iter().enumerate() {
                 render_steps(&mut out, &format!("{}. {}", i + 1, phase.name), phase);
             }
             out.push_str("  On failure, roll this batch back:\n");
             for (i, phase) in batch.rollback.iter().enumerate() {
                 render_steps(&mut out, &format!("R{}. {}", i + 1, phase.name), phase);
+            }
+            out.push_str(
+                "  With --on-failure rollback-all, after a later batch fails, undo this batch:\n",
+            );
+            for (i, phase) in batch.undo.iter().enumerate() {
+                render_steps(&mut out, &format!("U{}. {}", i + 1, phase.name), phase);
             }
         }
         render_phase(&mut out, "Finish", &self.finish);
@@ -479,7 +657,7 @@ fn render_steps(out: &mut String, label: &str, phase: &Phase) {
     }
     for step in &phase.steps {
         let who = match step.role {
-            Role::App => step.target.clone(),
+            Role::App | Role::Fleet => step.target.clone(),
             Role::Balancer => format!("lb {}", step.target),
         };
         match &step.action {
@@ -521,6 +699,16 @@ fn render_steps(out: &mut String, label: &str, phase: &Phase) {
                 "  {label} {who}: GET http://{address}:{port}{path} from the host, expect {expect_status} {successes} time(s) in a row, every {}, at most {}\n",
                 humantime::format_duration(*interval),
                 humantime::format_duration(*timeout)
+            )),
+            Action::CapacityCheck {
+                staying,
+                min_healthy,
+                path,
+                port,
+                expect_status,
+            } => out.push_str(&format!(
+                "  {label}: at least {min_healthy} of {} healthy (GET :{port}{path} = {expect_status}) while the batch is out\n",
+                if staying.is_empty() { "(none)".to_string() } else { staying.join(", ") }
             )),
         }
     }

@@ -45,6 +45,11 @@ pub enum Outcome {
     RolledBack,
     /// A batch failed and some of it could not be restored: see `recovery`.
     RollbackIncomplete,
+    /// A batch failed and was left out of the pool on purpose (`--on-failure halt`).
+    Halted,
+    /// Stopped by Ctrl-C, SIGTERM or a lost lock; every host is on a known release and in the
+    /// pool.
+    Interrupted,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -58,6 +63,8 @@ pub enum HostOutcome {
     Untouched,
     /// Could not be restored: it is not known to be healthy, and is out of the pool.
     Failed,
+    /// Left as it was when its batch failed, out of the pool (`--on-failure halt`).
+    Halted,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -77,7 +84,11 @@ pub struct RolloutReport {
     pub outcome: Outcome,
     /// The failure that stopped the rollout.
     pub failure: Option<FailureAt>,
+    /// Why the rollout was interrupted, when it was.
+    pub interrupted: Option<String>,
     pub hosts: Vec<HostReport>,
+    /// Decisions roller took on the way, and why.
+    pub notes: Vec<String>,
     /// What an operator must do by hand, in order. Empty when nothing is left to do.
     pub recovery: Vec<String>,
     pub elapsed_ms: u64,
@@ -99,13 +110,35 @@ impl RolloutReport {
             .unwrap_or_default();
         match self.outcome {
             Outcome::Succeeded => format!("release {} is live on every host", self.release),
+            Outcome::RolledBack if self.failure.is_none() => {
+                let back: Vec<&str> = self
+                    .hosts
+                    .iter()
+                    .filter(|h| h.outcome == HostOutcome::RolledBack)
+                    .map(|h| h.name.as_str())
+                    .collect();
+                format!(
+                    "release {} is live on every host but {}, rolled back within --max-failed-hosts; every host is in the pool",
+                    self.release,
+                    back.join(", ")
+                )
+            }
             Outcome::RolledBack => format!(
-                "rollout of {} failed{why}; the batch was rolled back and every host is in the pool",
+                "rollout of {} failed{why}; rolled back, and every host is in the pool",
                 self.release
             ),
             Outcome::RollbackIncomplete => format!(
                 "rollout of {} failed{why}; the rollback did not complete: action needed",
                 self.release
+            ),
+            Outcome::Halted => format!(
+                "rollout of {} failed{why}; halted with the failed batch out of the pool",
+                self.release
+            ),
+            Outcome::Interrupted => format!(
+                "rollout of {} interrupted ({}); every host is on a known release and in the pool",
+                self.release,
+                self.interrupted.as_deref().unwrap_or("signal")
             ),
         }
     }
@@ -119,6 +152,7 @@ impl RolloutReport {
                 HostOutcome::RolledBack => "rolled back",
                 HostOutcome::Untouched => "untouched",
                 HostOutcome::Failed => "FAILED",
+                HostOutcome::Halted => "HALTED",
             };
             out.push_str(&format!(
                 "  {:width$}  {:11}  release {:20}  {}{}\n",
@@ -131,6 +165,9 @@ impl RolloutReport {
                     .map(|n| format!("  ({n})"))
                     .unwrap_or_default(),
             ));
+        }
+        for note in &self.notes {
+            out.push_str(&format!("Note: {note}\n"));
         }
         if !self.recovery.is_empty() {
             out.push_str("To recover:\n");

@@ -74,6 +74,7 @@ fn plan_json_is_one_document_with_the_derived_release_and_checksum() {
     assert_eq!(
         phases,
         [
+            "capacity-check",
             "remove-from-pool",
             "drain",
             "switch",

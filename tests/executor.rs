@@ -1,12 +1,12 @@
 //! The executor's decisions (order, rollback, reporting) over an in-memory fleet: what a real
 //! server would add here is only latency.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use roller::balancer::Nginx;
 use roller::error::Error;
-use roller::executor::{self, Executor};
+use roller::executor::{self, Executor, ExecutorInput, FailurePolicy, Options};
 use roller::health::HttpOverSsh;
 use roller::inventory::Inventory;
 use roller::plan::{Artifact, BatchSize, Plan, PlanInput};
@@ -51,6 +51,14 @@ struct World {
     upstream: String,
     in_flight: Vec<u64>,
     lb_test_fails: bool,
+    /// Hosts whose process dies whenever it is restarted.
+    broken: Vec<String>,
+    /// Hosts on which v2 answers 503.
+    sick_on_v2: Vec<String>,
+    /// Probes still to answer 503 after a restart, per host: a JVM warming up.
+    warming: HashMap<String, u32>,
+    /// The rollout state last saved on the load balancer.
+    saved_state: Option<serde_json::Value>,
     /// Every upstream file the LB was given, in order.
     upstream_history: Vec<String>,
 }
@@ -59,6 +67,10 @@ fn fleet(world: Arc<Mutex<World>>) -> MemoryFleet {
     let w = world.clone();
     let exec = move |target: &str, cmd: &str, stdin: Option<&bytes::Bytes>| {
         let mut w = w.lock().unwrap();
+        if cmd.contains(".rollout.json") {
+            w.saved_state = Some(serde_json::from_slice(stdin.unwrap()).unwrap());
+            return ok("");
+        }
         if cmd.contains("free_kb") {
             let cur = w.current.get(target).cloned().unwrap_or_default();
             return ok(&format!("free_kb=9999999\ncurrent=releases/{cur}\n"));
@@ -102,8 +114,13 @@ fn fleet(world: Arc<Mutex<World>>) -> MemoryFleet {
             return ok(&format!("releases/{prev}\n"));
         }
         if cmd == "restart-app" {
-            let live = w.current[target].clone();
+            let live = if w.broken.iter().any(|b| b == target) {
+                "crashed".to_string()
+            } else {
+                w.current[target].clone()
+            };
             w.running.insert(target.to_string(), live);
+            w.warming.insert(target.to_string(), 1);
             return ok("");
         }
         if cmd.contains("tail -n +") {
@@ -113,14 +130,28 @@ fn fleet(world: Arc<Mutex<World>>) -> MemoryFleet {
     };
     let w = world.clone();
     let http = move |target: &str, _addr: &str, _port: u16, _path: &str| {
-        let w = w.lock().unwrap();
+        let mut w = w.lock().unwrap();
+        if let Some(n) = w.warming.get_mut(target).filter(|n| **n > 0) {
+            *n -= 1;
+            return Ok(503);
+        }
         match w.running.get(target) {
+            Some(r) if r == "v2" && w.sick_on_v2.iter().any(|s| s == target) => Ok(503),
             Some(r) if w.healthy.contains(r) => Ok(200),
             Some(_) => Ok(503),
             None => Err(TransportError::Channel("connection refused".into())),
         }
     };
     MemoryFleet::new(exec, http)
+}
+
+fn options(on_failure: FailurePolicy, max_failed_hosts: usize) -> Options {
+    Options {
+        on_failure,
+        max_failed_hosts,
+        resume_hint: "roller resume -i roller.toml".into(),
+        recover_hint: "roller recover -i roller.toml".into(),
+    }
 }
 
 fn world() -> Arc<Mutex<World>> {
@@ -153,22 +184,88 @@ async fn rollout(
     fleet: &MemoryFleet,
     batch: BatchSize,
 ) -> (Result<RolloutReport, Error>, Arc<Recorder>) {
-    let inventory = Inventory::parse(INVENTORY).unwrap();
+    rollout_with(
+        fleet,
+        batch,
+        Options::default(),
+        executor::never_interrupted(),
+    )
+    .await
+}
+
+async fn rollout_with(
+    fleet: &MemoryFleet,
+    batch: BatchSize,
+    options: Options,
+    interrupt: executor::Interrupt,
+) -> (Result<RolloutReport, Error>, Arc<Recorder>) {
+    rollout_full(INVENTORY, fleet, batch, options, interrupt).await
+}
+
+async fn rollout_on(
+    inventory: &str,
+    fleet: &MemoryFleet,
+    batch: BatchSize,
+) -> (Result<RolloutReport, Error>, Arc<Recorder>) {
+    rollout_full(
+        inventory,
+        fleet,
+        batch,
+        Options::default(),
+        executor::never_interrupted(),
+    )
+    .await
+}
+
+async fn rollout_full(
+    inventory: &str,
+    fleet: &MemoryFleet,
+    batch: BatchSize,
+    options: Options,
+    interrupt: executor::Interrupt,
+) -> (Result<RolloutReport, Error>, Arc<Recorder>) {
+    let inventory = Inventory::parse(inventory).unwrap();
     let balancer = Nginx::new(&inventory.balancer, &inventory.app, &inventory.hosts);
+    let recorder = Arc::new(Recorder::default());
+    let sessions = match executor::connect(&inventory, Arc::new(fleet.clone())).await {
+        Ok(s) => s,
+        Err(e) => return (Err(e), recorder),
+    };
+    let observed = match executor::preflight(
+        &inventory,
+        &balancer,
+        &HttpOverSsh,
+        &sessions,
+        Some(100),
+        recorder.as_ref(),
+    )
+    .await
+    {
+        Ok(o) => o,
+        Err(e) => return (Err(e), recorder),
+    };
     let plan = Plan::build(PlanInput {
         inventory: &inventory,
         balancer: &balancer,
         release: "v2".into(),
         artifact: Some(artifact()),
         batch,
+        observed: Some(&observed),
+        unfinished: &BTreeSet::new(),
+        targets: None,
     })
     .unwrap();
-    let recorder = Arc::new(Recorder::default());
-    let sessions = match executor::connect(&plan, 22, fleet).await {
-        Ok(s) => s,
-        Err(e) => return (Err(e), recorder),
-    };
-    let exec = Executor::new(&plan, &balancer, &HttpOverSsh, sessions, recorder.clone());
+    let exec = Executor::new(ExecutorInput {
+        plan: &plan,
+        balancer: &balancer,
+        health: &HttpOverSsh,
+        sessions: &sessions,
+        reporter: recorder.clone(),
+        options,
+        interrupt,
+        sink: None,
+        observed: &observed,
+    });
     (exec.run().await, recorder)
 }
 
@@ -233,10 +330,16 @@ async fn within_a_batch_the_host_changes_only_after_it_left_the_pool_and_drained
     let restarted = position(
         &|c: &Call| matches!(c, Call::Exec { target, command, .. } if target == "web-1" && command == "restart-app"),
     );
-    let checked =
-        position(&|c: &Call| matches!(c, Call::HttpGet { target, .. } if target == "web-1"));
+    let checked = restarted
+        + calls[restarted..]
+            .iter()
+            .position(|c| matches!(c, Call::HttpGet { target, .. } if target == "web-1"))
+            .unwrap();
     assert!(removed < last_poll_of_batch_1 && last_poll_of_batch_1 < switched);
-    assert!(switched < restarted && restarted < checked);
+    assert!(
+        switched < restarted && restarted < checked,
+        "{switched} {restarted} {checked}"
+    );
     // 3 polls for batch 1 (3, 1, 0), then 1 each for the other batches.
     assert_eq!(drained_polls, 5);
 }
@@ -293,7 +396,7 @@ async fn an_unhealthy_release_is_rolled_back_in_its_batch_and_goes_no_further() 
 #[tokio::test]
 async fn a_host_that_cannot_be_restored_stays_out_of_the_pool_and_is_reported() {
     let world = world();
-    world.lock().unwrap().healthy = vec![];
+    world.lock().unwrap().broken = vec!["web-1".into()];
     let fleet = fleet(world.clone());
     let (result, _) = rollout(&fleet, BatchSize::Hosts(1)).await;
     let report = result.unwrap();
@@ -370,4 +473,288 @@ async fn a_drain_that_never_ends_fails_the_batch_without_touching_the_host() {
     assert!(fleet.commands("web-1").iter().all(|c| c != "restart-app"));
     assert!(!world.lock().unwrap().upstream.contains("down"));
     assert_eq!(releases(&world), vec![("v1".into(), "v1".into()); 3]);
+}
+
+fn outcomes(report: &RolloutReport) -> Vec<(HostOutcome, bool)> {
+    report
+        .hosts
+        .iter()
+        .map(|h| (h.outcome, h.in_pool))
+        .collect()
+}
+
+#[tokio::test]
+async fn rollback_all_undoes_earlier_batches_too_draining_them_first() {
+    let world = world();
+    world.lock().unwrap().sick_on_v2 = vec!["web-2".into()];
+    let fleet = fleet(world.clone());
+    let (result, _) = rollout_with(
+        &fleet,
+        BatchSize::Hosts(1),
+        options(FailurePolicy::RollbackAll, 0),
+        executor::never_interrupted(),
+    )
+    .await;
+    let report = result.unwrap();
+    assert_eq!(report.outcome, Outcome::RolledBack);
+    assert_eq!(report.failure.as_ref().unwrap().batch, 2);
+    assert_eq!(
+        outcomes(&report),
+        vec![
+            (HostOutcome::RolledBack, true),
+            (HostOutcome::RolledBack, true),
+            (HostOutcome::Untouched, true)
+        ]
+    );
+    assert_eq!(releases(&world), vec![("v1".into(), "v1".into()); 3]);
+    // web-1 was taken out of the pool again before it was switched back.
+    let w = world.lock().unwrap();
+    let undo_out = w
+        .upstream_history
+        .iter()
+        .rposition(|u| u.contains("10.0.1.1:8080 down;"))
+        .unwrap();
+    assert!(undo_out > 3, "{:#?}", w.upstream_history);
+    assert!(!w.upstream.contains("down"));
+}
+
+#[tokio::test]
+async fn halt_leaves_the_failed_batch_out_of_the_pool_and_says_how_to_go_on() {
+    let world = world();
+    world.lock().unwrap().sick_on_v2 = vec!["web-1".into()];
+    let fleet = fleet(world.clone());
+    let (result, _) = rollout_with(
+        &fleet,
+        BatchSize::Hosts(1),
+        options(FailurePolicy::Halt, 0),
+        executor::never_interrupted(),
+    )
+    .await;
+    let report = result.unwrap();
+    assert_eq!(report.outcome, Outcome::Halted);
+    assert_eq!(
+        outcomes(&report),
+        vec![
+            (HostOutcome::Halted, false),
+            (HostOutcome::Untouched, true),
+            (HostOutcome::Untouched, true)
+        ]
+    );
+    assert!(
+        world
+            .lock()
+            .unwrap()
+            .upstream
+            .contains("10.0.1.1:8080 down;")
+    );
+    assert_eq!(world.lock().unwrap().current["web-1"], "v2");
+    assert!(
+        report.recovery[0].contains("roller resume"),
+        "{:?}",
+        report.recovery
+    );
+    assert!(report.recovery[0].contains("roller recover"));
+}
+
+#[tokio::test]
+async fn max_failed_hosts_rolls_a_failing_host_back_alone_and_carries_on() {
+    let world = world();
+    world.lock().unwrap().sick_on_v2 = vec!["web-2".into()];
+    let fleet = fleet(world.clone());
+    let (result, _) = rollout_with(
+        &fleet,
+        BatchSize::Hosts(1),
+        options(FailurePolicy::RollbackBatch, 1),
+        executor::never_interrupted(),
+    )
+    .await;
+    let report = result.unwrap();
+    assert_eq!(report.outcome, Outcome::RolledBack);
+    assert!(report.failure.is_none());
+    assert_eq!(
+        outcomes(&report),
+        vec![
+            (HostOutcome::Updated, true),
+            (HostOutcome::RolledBack, true),
+            (HostOutcome::Updated, true)
+        ]
+    );
+    assert_eq!(
+        releases(&world),
+        vec![
+            ("v2".into(), "v2".into()),
+            ("v1".into(), "v1".into()),
+            ("v2".into(), "v2".into())
+        ]
+    );
+    assert!(
+        report.headline().contains("but web-2"),
+        "{}",
+        report.headline()
+    );
+}
+
+#[tokio::test]
+async fn one_failure_too_many_fails_the_batch() {
+    let world = world();
+    world.lock().unwrap().sick_on_v2 = vec!["web-1".into(), "web-2".into()];
+    let fleet = fleet(world.clone());
+    let (result, _) = rollout_with(
+        &fleet,
+        BatchSize::Hosts(1),
+        options(FailurePolicy::RollbackBatch, 1),
+        executor::never_interrupted(),
+    )
+    .await;
+    let report = result.unwrap();
+    assert_eq!(report.failure.as_ref().unwrap().batch, 2);
+    assert_eq!(releases(&world), vec![("v1".into(), "v1".into()); 3]);
+}
+
+#[tokio::test]
+async fn hosts_already_on_the_release_and_healthy_are_skipped() {
+    let world = world();
+    {
+        let mut w = world.lock().unwrap();
+        w.current.insert("web-1".into(), "v2".into());
+        w.running.insert("web-1".into(), "v2".into());
+    }
+    let fleet = fleet(world.clone());
+    let (result, events) = rollout(&fleet, BatchSize::Hosts(1)).await;
+    let report = result.unwrap();
+    assert_eq!(report.outcome, Outcome::Succeeded);
+    assert!(fleet.commands("web-1").iter().all(|c| c != "restart-app"));
+    let batches: BTreeSet<usize> = events
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.batch)
+        .collect();
+    assert_eq!(batches.len(), 2);
+    assert_eq!(releases(&world), vec![("v2".into(), "v2".into()); 3]);
+}
+
+#[tokio::test]
+async fn unhealthy_hosts_go_first_and_the_capacity_guard_refuses_a_batch_that_leaves_too_few() {
+    let world = world();
+    {
+        let mut w = world.lock().unwrap();
+        w.running.insert("web-2".into(), "crashed".into());
+        w.running.insert("web-3".into(), "crashed".into());
+    }
+    let fleet = fleet(world.clone());
+    let inventory = INVENTORY.replace(
+        "drain_timeout = \"2s\"",
+        "drain_timeout = \"2s\"\nmin_healthy = 2",
+    );
+    let (result, _) = rollout_on(&inventory, &fleet, BatchSize::Hosts(1)).await;
+    let report = result.unwrap();
+    let failure = report.failure.as_ref().unwrap();
+    assert_eq!(failure.failure.step, "capacity-check");
+    assert!(
+        failure
+            .failure
+            .message
+            .contains("below balancer.min_healthy = 2"),
+        "{failure:?}"
+    );
+    // Nothing was taken out of the pool and no host was touched.
+    assert!(world.lock().unwrap().upstream_history.is_empty());
+    for host in ["web-1", "web-2", "web-3"] {
+        assert!(
+            fleet.commands(host).iter().all(|c| c != "restart-app"),
+            "{host}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_interrupt_during_the_health_check_rolls_the_batch_back() {
+    let world = world();
+    world.lock().unwrap().sick_on_v2 = vec!["web-1".into()];
+    let (tx, interrupt) = tokio::sync::watch::channel(None);
+    let tx = Arc::new(tx);
+    // Interrupt as soon as web-1's new release is being health-checked.
+    let inner = fleet(world.clone());
+    let w = world.clone();
+    let trigger = tx.clone();
+    let fleet = MemoryFleet::new(
+        {
+            let inner = inner.clone();
+            move |t: &str, c: &str, i: Option<&bytes::Bytes>| inner.answer(t, c, i)
+        },
+        move |t: &str, a: &str, p: u16, path: &str| {
+            if w.lock().unwrap().running.get(t).map(String::as_str) == Some("v2") {
+                let _ = trigger.send(Some("SIGINT received".into()));
+            }
+            inner.probe(t, a, p, path)
+        },
+    );
+    let inventory = INVENTORY.replace("timeout = \"20ms\"", "timeout = \"30s\"");
+    let (result, _) = rollout_full(
+        &inventory,
+        &fleet,
+        BatchSize::Hosts(1),
+        Options::default(),
+        interrupt,
+    )
+    .await;
+    let report = result.unwrap();
+    assert_eq!(report.outcome, Outcome::Interrupted);
+    assert_eq!(report.interrupted.as_deref(), Some("SIGINT received"));
+    assert!(
+        report.notes[0].contains("rolled back"),
+        "{:?}",
+        report.notes
+    );
+    assert_eq!(releases(&world), vec![("v1".into(), "v1".into()); 3]);
+    assert!(!world.lock().unwrap().upstream.contains("down"));
+    assert!(report.hosts.iter().all(|h| h.in_pool));
+}
+
+#[tokio::test]
+async fn an_interrupt_once_the_batch_is_healthy_completes_it_instead() {
+    let world = world();
+    let (tx, interrupt) = tokio::sync::watch::channel(None);
+    let inner = fleet(world.clone());
+    let w = world.clone();
+    let fleet = MemoryFleet::new(
+        {
+            let inner = inner.clone();
+            move |t: &str, c: &str, i: Option<&bytes::Bytes>| inner.answer(t, c, i)
+        },
+        move |t: &str, a: &str, p: u16, path: &str| {
+            let answer = inner.probe(t, a, p, path);
+            let on_v2 = w.lock().unwrap().running.get(t).map(String::as_str) == Some("v2");
+            if on_v2 && answer == Ok(200) {
+                let _ = tx.send(Some("SIGTERM received".into()));
+            }
+            answer
+        },
+    );
+    let (result, _) = rollout_full(
+        INVENTORY,
+        &fleet,
+        BatchSize::Hosts(1),
+        Options::default(),
+        interrupt,
+    )
+    .await;
+    let report = result.unwrap();
+    assert_eq!(report.outcome, Outcome::Interrupted);
+    assert!(
+        report.notes[0].contains("completed rather than rolled back"),
+        "{:?}",
+        report.notes
+    );
+    assert_eq!(
+        releases(&world),
+        vec![
+            ("v2".into(), "v2".into()),
+            ("v1".into(), "v1".into()),
+            ("v1".into(), "v1".into())
+        ]
+    );
+    assert!(!world.lock().unwrap().upstream.contains("down"));
 }

@@ -63,6 +63,28 @@ impl MemoryFleet {
         self
     }
 
+    /// The scripted answer to a command, without recording a call: for wrapping one fleet's
+    /// script in another's.
+    pub fn answer(
+        &self,
+        target: &str,
+        command: &str,
+        stdin: Option<&Bytes>,
+    ) -> Result<ExecOutput, TransportError> {
+        (self.exec)(target, command, stdin)
+    }
+
+    /// The scripted answer to an HTTP probe, without recording a call.
+    pub fn probe(
+        &self,
+        target: &str,
+        address: &str,
+        port: u16,
+        path: &str,
+    ) -> Result<u16, TransportError> {
+        (self.http)(target, address, port, path)
+    }
+
     pub fn calls(&self) -> Vec<Call> {
         self.calls.lock().expect("calls lock").clone()
     }

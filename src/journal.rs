@@ -1,0 +1,251 @@
+//! What survives roller's own death: a local append-only journal of every step, flushed to disk
+//! before and after the step runs, and a summary of the rollout's state kept on the first load
+//! balancer, so that `roller resume` or `roller recover` can finish from any machine.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::remote::quote;
+use crate::report::{Event, Reporter, RolloutReport};
+
+/// How far a host got in the rollout that is (or was) running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Progress {
+    /// Not started, or skipped because it already ran the release.
+    Pending,
+    /// Out of the pool; `current` not yet moved.
+    Drained,
+    /// `current` may point at the new release; the process may still run the old one.
+    Switched,
+    /// Restarted on the new release, not yet known healthy.
+    Restarted,
+    /// Healthy on the new release (and back in the pool, or about to be).
+    Done,
+    /// Its batch failed and it is back on its previous release.
+    RolledBack,
+    /// Could not be restored; out of the pool.
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    Running,
+    Succeeded,
+    RolledBack,
+    Halted,
+    Interrupted,
+    /// Finished with hosts that need a human: see the report's recovery steps.
+    Incomplete,
+    /// `roller recover` put every host back on its release from before this rollout.
+    Recovered,
+}
+
+impl Status {
+    /// A rollout in these states may have left hosts out of the pool or half deployed: no
+    /// other release may start before `resume` or `recover` has dealt with it.
+    pub fn stranded(self) -> bool {
+        matches!(self, Status::Running | Status::Halted | Status::Incomplete)
+    }
+
+    /// `resume` and `recover` apply: stranded, or interrupted with batches still to go.
+    pub fn unfinished(self) -> bool {
+        self.stranded() || self == Status::Interrupted
+    }
+}
+
+/// The rollout as `resume` and `recover` need to know it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutState {
+    /// Also the deploy lock's token: a resumed rollout re-takes its own lock.
+    pub id: String,
+    pub app: String,
+    pub release: String,
+    pub artifact: Option<PathBuf>,
+    pub artifact_sha256: Option<String>,
+    /// `--batch` as given.
+    pub batch: String,
+    pub on_failure: String,
+    pub max_failed_hosts: usize,
+    pub controller: String,
+    pub started: u64,
+    pub updated: u64,
+    pub status: Status,
+    /// Each host's live release at pre-flight: where `recover` returns it.
+    pub before: BTreeMap<String, Option<String>>,
+    pub hosts: BTreeMap<String, Progress>,
+    /// Hosts that the load balancers have marked `down`, as last written.
+    pub out_of_pool: Vec<String>,
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// The summary's file on the load balancer.
+pub fn state_file(state_dir: &str, app: &str) -> String {
+    format!("{state_dir}/{app}.rollout.json")
+}
+
+/// Replaces the summary atomically with the JSON on stdin.
+pub fn write_state_command(state_dir: &str, app: &str) -> String {
+    let file = state_file(state_dir, app);
+    format!(
+        "mkdir -p {dir} && cat > {tmp} && mv -f {tmp} {file}",
+        dir = quote(state_dir),
+        tmp = quote(&format!("{file}.new")),
+        file = quote(&file),
+    )
+}
+
+/// Prints the summary, or nothing when there is none.
+pub fn read_state_command(state_dir: &str, app: &str) -> String {
+    let file = quote(&state_file(state_dir, app));
+    format!("if [ -f {file} ]; then cat {file}; fi")
+}
+
+/// The local, append-only record of one rollout: one JSON document per line.
+pub struct Journal {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+impl Journal {
+    /// Where journals go by default: `$XDG_STATE_HOME/roller`, else `~/.local/state/roller`.
+    pub fn default_dir() -> PathBuf {
+        if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+            return PathBuf::from(dir).join("roller");
+        }
+        match std::env::var_os("HOME") {
+            Some(home) => PathBuf::from(home).join(".local/state/roller"),
+            None => PathBuf::from(".roller"),
+        }
+    }
+
+    pub fn create(dir: &Path, app: &str, id: &str) -> std::io::Result<Journal> {
+        let dir = dir.join(app);
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("{id}.jsonl"));
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        Ok(Journal {
+            path,
+            file: Mutex::new(file),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends one record and forces it to disk: the journal is only worth something if it
+    /// holds what happened up to the moment the controller died.
+    pub fn record(&self, kind: &str, body: serde_json::Value) {
+        let line = serde_json::json!({ "at_ms": now_ms(), "kind": kind, "body": body });
+        let mut file = self.file.lock().expect("journal lock");
+        let written = writeln!(file, "{line}").and_then(|()| file.sync_data());
+        if let Err(e) = written {
+            tracing::error!("cannot write journal {}: {e}", self.path.display());
+        }
+    }
+
+    pub fn record_state(&self, state: &RolloutState) {
+        self.record("state", serde_json::to_value(state).unwrap_or_default());
+    }
+
+    /// The last state recorded in the journal at `path`.
+    pub fn last_state(path: &Path) -> std::io::Result<Option<RolloutState>> {
+        let text = std::fs::read_to_string(path)?;
+        Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["kind"] == "state")
+            .filter_map(|v| serde_json::from_value(v["body"].clone()).ok())
+            .next_back())
+    }
+}
+
+impl Reporter for Journal {
+    fn event(&self, event: &Event) {
+        self.record("step", serde_json::to_value(event).unwrap_or_default());
+    }
+
+    fn finish(&self, report: &RolloutReport) {
+        self.record("report", serde_json::to_value(report).unwrap_or_default());
+    }
+}
+
+/// Sends every event to several reporters: the terminal or JSON output, and the journal.
+pub struct Tee(pub Vec<std::sync::Arc<dyn Reporter>>);
+
+impl Reporter for Tee {
+    fn event(&self, event: &Event) {
+        for r in &self.0 {
+            r.event(event);
+        }
+    }
+
+    fn finish(&self, report: &RolloutReport) {
+        for r in &self.0 {
+            r.finish(report);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_commands_quote_the_directory() {
+        assert_eq!(
+            write_state_command("/etc/nginx/my dir", "shop"),
+            "mkdir -p '/etc/nginx/my dir' && cat > '/etc/nginx/my dir/shop.rollout.json.new' && mv -f '/etc/nginx/my dir/shop.rollout.json.new' '/etc/nginx/my dir/shop.rollout.json'"
+        );
+    }
+
+    #[test]
+    fn the_journal_keeps_the_last_state_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = RolloutState {
+            id: "r1".into(),
+            app: "shop".into(),
+            release: "v2".into(),
+            artifact: None,
+            artifact_sha256: None,
+            batch: "1".into(),
+            on_failure: "rollback-batch".into(),
+            max_failed_hosts: 0,
+            controller: "me@here".into(),
+            started: 1,
+            updated: 1,
+            status: Status::Running,
+            before: BTreeMap::new(),
+            hosts: BTreeMap::from([("web-1".to_string(), Progress::Drained)]),
+            out_of_pool: vec!["web-1".into()],
+        };
+        let journal = Journal::create(dir.path(), "shop", "r1").unwrap();
+        journal.record_state(&state);
+        state.hosts.insert("web-1".into(), Progress::Switched);
+        journal.record_state(&state);
+        drop(journal);
+        let path = dir.path().join("shop/r1.jsonl");
+        assert_eq!(Journal::last_state(&path).unwrap(), Some(state));
+    }
+}
