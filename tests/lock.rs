@@ -378,7 +378,9 @@ async fn renew_extends_the_lease_and_a_wrong_token_is_lost() {
 async fn the_keeper_outlives_a_short_lease_and_reports_an_unlock() {
     let host = start_host(5);
     let (t, other) = (host.connect().await, host.connect().await);
-    let spec = spec("state", Duration::from_secs(2));
+    // Short enough to outlive in a test, long enough that one slow round trip on a loaded
+    // machine does not lose it.
+    let spec = spec("state", Duration::from_secs(6));
     let me = LockInfo::new_for("v2");
     let (held, _) = bounded(lock::acquire(&*t, &spec, &me, None)).await.unwrap();
     let keeper = LeaseKeeper::start(t.clone(), spec.clone(), me.token.clone());
@@ -419,7 +421,7 @@ async fn the_keeper_rides_out_a_blip_but_not_an_outage_past_the_lease() {
     let host = start_host(6);
     let other = host.connect().await;
     let t = Probe::new(host.connect().await);
-    let spec = spec("state", Duration::from_secs(3));
+    let spec = spec("state", Duration::from_secs(8));
     let me = LockInfo::new_for("v2");
     bounded(lock::acquire(&*t, &spec, &me, None)).await.unwrap();
     let keeper = LeaseKeeper::start(t.clone(), spec.clone(), me.token.clone());
