@@ -13,7 +13,10 @@ pub mod sshd;
 
 use std::path::PathBuf;
 
-pub use fleet::{Fleet, FleetSpec, HostStatus, Role};
+pub use fleet::{
+    Fleet, FleetSpec, HostStatus, Mode, RESTART_SLOT, Role, SINGLE_APP_NAME, SLOTS, STOP_SLOT,
+    SlotStatus,
+};
 pub use jar::{Behaviour, JarSpec, build_jar};
 pub use load::{Load, LoadOptions, LoadReport};
 

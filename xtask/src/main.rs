@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use roller_fleet::{Fleet, FleetSpec, HostStatus, JarSpec, Load, LoadOptions, Role, proc};
+use roller_fleet::{
+    Fleet, FleetSpec, HostStatus, JarSpec, Load, LoadOptions, Mode, Role, SlotStatus, proc,
+};
 
 /// `cargo xtask fleet up` lives at 127.77.0.x and the demo at 127.77.1.x, so both can run at
 /// once; test fleets never use 127.77.x.x.
@@ -60,6 +62,13 @@ enum FleetAction {
         /// Defaults to target/fleet.
         #[arg(long)]
         root: Option<PathBuf>,
+        /// Two slots per app host (blue on 8081 with v1 live, green on 8082 stopped) and an
+        /// inventory with `strategy = "blue-green"`.
+        #[arg(long, conflicts_with = "blue_green_single")]
+        blue_green: bool,
+        /// Blue-green on one machine: nginx and both slots of the one app host on the LB host.
+        #[arg(long, conflicts_with = "hosts")]
+        blue_green_single: bool,
     },
     /// Stop the fleet's processes (by the PIDs it recorded).
     Down {
@@ -109,13 +118,34 @@ fn cargo() -> OsString {
 fn fleet(action: FleetAction) -> anyhow::Result<bool> {
     let default_root = || roller_fleet::target_dir().join("fleet");
     match action {
-        FleetAction::Up { hosts, root } => {
+        FleetAction::Up {
+            hosts,
+            root,
+            blue_green,
+            blue_green_single,
+        } => {
             let root = root.unwrap_or_else(default_root);
-            println!(
-                "starting {hosts} app hosts and a load balancer in {}",
-                root.display()
-            );
-            let fleet = Fleet::up(FleetSpec::new(&root, hosts, FLEET_NET))?;
+            let mode = match (blue_green, blue_green_single) {
+                (_, true) => Mode::BlueGreenSingle,
+                (true, false) => Mode::BlueGreen,
+                (false, false) => Mode::Rolling,
+            };
+            let spec = FleetSpec::new(&root, hosts, FLEET_NET).with_mode(mode);
+            match mode {
+                Mode::Rolling => println!(
+                    "starting {hosts} app hosts and a load balancer in {}",
+                    root.display()
+                ),
+                Mode::BlueGreen => println!(
+                    "starting {hosts} blue-green app hosts and a load balancer in {}",
+                    root.display()
+                ),
+                Mode::BlueGreenSingle => println!(
+                    "starting one machine with nginx and a blue-green app in {}",
+                    root.display()
+                ),
+            }
+            let fleet = Fleet::up(spec)?;
             let v2 = fleet.jar(&JarSpec::healthy("v2"))?;
             print_status(&fleet.status());
             println!();
@@ -124,8 +154,14 @@ fn fleet(action: FleetAction) -> anyhow::Result<bool> {
             println!("v2 jar:        {}", v2.display());
             println!();
             println!("next:");
+            // The inventory names the strategy; batches only mean something when rolling.
+            let batch = if mode.is_blue_green() {
+                ""
+            } else {
+                " --batch 1"
+            };
             println!(
-                "  cargo run --bin roller -- rollout --inventory {} --artifact {} --release v2 --batch 1",
+                "  cargo run --bin roller -- rollout --inventory {} --artifact {} --release v2{batch}",
                 fleet.inventory_path().display(),
                 v2.display()
             );
@@ -151,7 +187,7 @@ fn fleet(action: FleetAction) -> anyhow::Result<bool> {
             let survivors: Vec<HostStatus> = fleet
                 .status()
                 .into_iter()
-                .filter(|s| s.sshd_alive || s.app_alive)
+                .filter(|s| s.sshd_alive || s.app_alive || s.slots.iter().any(|x| x.pid.is_some()))
                 .collect();
             if survivors.is_empty() {
                 println!("fleet in {} is down", root.display());
@@ -204,7 +240,27 @@ fn print_status(rows: &[HostStatus]) {
             row.live_release.as_deref().unwrap_or("-"),
             row.health.map_or("-".to_string(), |s| s.to_string()),
         );
+        for slot in &row.slots {
+            print_slot(slot);
+        }
     }
+}
+
+/// A blue-green host's slot, under the host's line; `*` marks the one nginx sends traffic to.
+fn print_slot(slot: &SlotStatus) {
+    let name = format!("  {}{}", slot.slot, if slot.live { "*" } else { "" });
+    let app = slot
+        .pid
+        .map_or("down".to_string(), |pid| format!("java {pid}"));
+    println!(
+        "{:<8} {:<16} {:<14} {:<16} {:<9} {}",
+        name,
+        format!(":{}", slot.port),
+        "",
+        app,
+        slot.release.as_deref().unwrap_or("-"),
+        slot.health.map_or("-".to_string(), |s| s.to_string()),
+    );
 }
 
 fn demo(hosts: usize, keep: bool, root: Option<PathBuf>, clients: usize) -> anyhow::Result<bool> {
