@@ -3,21 +3,29 @@
 //! The executor only knows [`Balancer`]; Nginx with a roller-owned upstream file is the one
 //! driver today. Another (HAProxy, a cloud target group) would render its own commands.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::inventory::{AppConfig, BalancerConfig, Host};
 use crate::remote::quote;
 
-/// Which hosts receive traffic. Hosts not in `down` are in the pool.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// Which hosts receive traffic, on which port, and how much of it. Hosts not in `down` are in
+/// the pool.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Pool {
     pub down: BTreeSet<String>,
+    /// The port every host is reached on, when not `app.port`: the live blue-green slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Percent of a host's fair share of traffic, for hosts not at 100 (a canary).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub weights: BTreeMap<String, u32>,
 }
 
 impl Pool {
     pub fn with_down<'a>(hosts: impl IntoIterator<Item = &'a String>) -> Pool {
         Pool {
             down: hosts.into_iter().cloned().collect(),
+            ..Pool::default()
         }
     }
 }
@@ -40,6 +48,10 @@ pub trait Balancer: Send + Sync {
     fn in_flight_command(&self, hosts: &[&Host]) -> String;
     /// The hosts that a configuration printed by [`Balancer::test_command`] marks down.
     fn parse_down(&self, output: &str) -> BTreeSet<String>;
+    /// The port every host is reached on in that configuration, if they all share one.
+    fn parse_port(&self, output: &str) -> Option<u16>;
+    /// How the load balancer names `host` in its logs (`address:port`).
+    fn server(&self, host: &Host) -> String;
 }
 
 pub struct Nginx {
@@ -58,11 +70,24 @@ impl Nginx {
     }
 
     fn socket(&self, host: &Host) -> String {
+        self.socket_on(host, self.app_port)
+    }
+
+    fn socket_on(&self, host: &Host, port: u16) -> String {
         if host.address.contains(':') {
-            format!("[{}]:{}", host.address, self.app_port)
+            format!("[{}]:{port}", host.address)
         } else {
-            format!("{}:{}", host.address, self.app_port)
+            format!("{}:{port}", host.address)
         }
+    }
+
+    /// `server` lines of a rendered upstream: (socket, flags) pairs.
+    fn servers(output: &str) -> impl Iterator<Item = (&str, &str)> {
+        output
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("server "))
+            .filter_map(|l| l.split(';').next())
+            .map(|l| l.trim().split_once(' ').unwrap_or((l.trim(), "")))
     }
 }
 
@@ -72,15 +97,23 @@ impl Balancer for Nginx {
             "# Managed by roller: rewritten at every step of a rollout; edits here are lost.\nupstream {} {{\n",
             self.config.upstream
         );
+        // A weight is relative to the others: hosts at their full share get 100, so a canary
+        // at 10% of its fair share gets weight 10.
+        let weighted = !pool.weights.is_empty();
         for host in &self.hosts {
+            let weight = match (weighted, pool.weights.get(&host.name)) {
+                (false, _) => String::new(),
+                (true, Some(w)) => format!(" weight={w}"),
+                (true, None) => " weight=100".to_string(),
+            };
             let down = if pool.down.contains(&host.name) {
                 " down"
             } else {
                 ""
             };
             out.push_str(&format!(
-                "    server {}{down};  # {}\n",
-                self.socket(host),
+                "    server {}{weight}{down};  # {}\n",
+                self.socket_on(host, pool.port.unwrap_or(self.app_port)),
                 host.name
             ));
         }
@@ -129,18 +162,31 @@ impl Balancer for Nginx {
     }
 
     fn parse_down(&self, output: &str) -> BTreeSet<String> {
-        let down_sockets: BTreeSet<&str> = output
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("server "))
-            .filter_map(|l| l.split(';').next())
-            .filter_map(|l| l.trim().strip_suffix(" down"))
-            .map(str::trim)
+        let down: BTreeSet<String> = Nginx::servers(output)
+            .filter(|(_, flags)| flags.split_whitespace().any(|f| f == "down"))
+            .map(|(socket, _)| socket.to_string())
             .collect();
+        let port = self.parse_port(output).unwrap_or(self.app_port);
         self.hosts
             .iter()
-            .filter(|h| down_sockets.contains(self.socket(h).as_str()))
+            .filter(|h| down.contains(&self.socket_on(h, port)))
             .map(|h| h.name.clone())
             .collect()
+    }
+
+    fn server(&self, host: &Host) -> String {
+        self.socket(host)
+    }
+
+    fn parse_port(&self, output: &str) -> Option<u16> {
+        let ports: BTreeSet<u16> = Nginx::servers(output)
+            .filter_map(|(socket, _)| socket.rsplit_once(':'))
+            .filter_map(|(_, port)| port.parse().ok())
+            .collect();
+        match ports.len() {
+            1 => ports.into_iter().next(),
+            _ => None,
+        }
     }
 
     fn in_flight_command(&self, hosts: &[&Host]) -> String {
@@ -205,6 +251,28 @@ mod tests {
         let text = n.render(&Pool::with_down(&["web-2".to_string()]));
         assert_eq!(n.parse_down(&text), BTreeSet::from(["web-2".to_string()]));
         assert!(n.parse_down(&n.render(&Pool::default())).is_empty());
+        assert_eq!(n.parse_port(&text), Some(8080));
+    }
+
+    #[test]
+    fn a_slot_port_and_canary_weights_render_and_read_back() {
+        let n = nginx();
+        let pool = Pool {
+            down: BTreeSet::new(),
+            port: Some(8082),
+            weights: BTreeMap::from([("web-1".to_string(), 10)]),
+        };
+        let text = n.render(&pool);
+        assert!(
+            text.contains("server 10.0.1.11:8082 weight=10;  # web-1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("server [fd00::12]:8082 weight=100;  # web-2"),
+            "{text}"
+        );
+        assert_eq!(n.parse_port(&text), Some(8082));
+        assert!(n.parse_down(&text).is_empty());
     }
 
     #[test]

@@ -14,12 +14,14 @@ use serde::Serialize;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
-use crate::balancer::{APPLY_REJECTED, APPLY_UNCONFIRMED, Balancer, Pool};
+use crate::balancer::{APPLY_REJECTED, APPLY_UNCONFIRMED, Balancer};
+use crate::canary;
 use crate::error::{Error, HostFailure, Result};
 use crate::health::{HealthCheck, HealthSpec};
-use crate::inventory::Inventory;
+use crate::inventory::{Inventory, Slot, Strategy};
 use crate::journal::{self, Journal, Progress, RolloutState, Status};
 use crate::plan::{Action, Batch, Observed, Phase, PhaseName, Plan, Role, Step};
+use crate::remote::quote;
 use crate::report::{
     Event, FailureAt, HostOutcome, HostReport, Outcome, Reporter, RolloutReport, StepState,
 };
@@ -36,6 +38,7 @@ const STAGE_PARALLELISM: usize = 4;
 const DRAIN_POLL: Duration = Duration::from_millis(100);
 /// One health probe during pre-flight and the capacity check: a snapshot, not a wait.
 const PROBE_DEADLINE: Duration = Duration::from_secs(3);
+const DECISION_POLL: Duration = Duration::from_secs(1);
 
 /// What to do when a batch fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -69,6 +72,8 @@ pub struct Options {
     pub resume_hint: String,
     /// The command line that restores the previous releases.
     pub recover_hint: String,
+    /// This rollout's id, which `roller promote` and `roller abort` name.
+    pub rollout_id: String,
 }
 
 /// `Some(reason)` once the rollout must stop: Ctrl-C, SIGTERM, or a lost deploy lock.
@@ -150,6 +155,27 @@ pub async fn collect_sessions(
     }
 }
 
+/// What pre-flight found.
+#[derive(Debug, Clone, Default)]
+pub struct Observation {
+    pub hosts: BTreeMap<String, Observed>,
+    /// The port the load balancers send traffic to, when every server of every load balancer
+    /// shares one: for blue-green, the live slot.
+    pub live_port: Option<u16>,
+}
+
+impl Observation {
+    /// The live blue-green slot, from the port the load balancers use.
+    pub fn live_slot(&self, inv: &Inventory) -> Option<Slot> {
+        let bg = inv.blue_green.as_ref()?;
+        match self.live_port? {
+            p if p == bg.blue_port => Some(Slot::Blue),
+            p if p == bg.green_port => Some(Slot::Green),
+            _ => None,
+        }
+    }
+}
+
 /// Runs pre-flight on every host and load balancer and returns what it found: each host's
 /// live release, health, and pool membership. Fails if any check fails.
 pub async fn preflight(
@@ -159,7 +185,7 @@ pub async fn preflight(
     sessions: &Sessions,
     artifact_bytes: Option<u64>,
     reporter: &dyn Reporter,
-) -> Result<BTreeMap<String, Observed>> {
+) -> Result<Observation> {
     let phase = Plan::preflight(inv, balancer);
     let started = Instant::now();
     let emit = |target: &str, state, elapsed: Option<Duration>, message: Option<String>| {
@@ -181,24 +207,6 @@ pub async fn preflight(
             unreachable!("pre-flight steps are commands")
         };
         let result = run(session.as_ref(), command, None, COMMAND_DEADLINE).await;
-        let probe = match (&result, step.role) {
-            (Ok(_), Role::App) => {
-                let host = inv
-                    .host(&step.target)
-                    .expect("plan hosts come from inventory");
-                Some(
-                    health
-                        .probe(
-                            session.as_ref(),
-                            &HealthSpec::probe(&host.address, inv),
-                            PROBE_DEADLINE,
-                        )
-                        .await
-                        .is_ok(),
-                )
-            }
-            _ => None,
-        };
         match &result {
             Ok(_) => emit(&step.target, StepState::Succeeded, Some(t0.elapsed()), None),
             Err(m) => emit(
@@ -208,14 +216,16 @@ pub async fn preflight(
                 Some(m.clone()),
             ),
         }
-        (step, result, probe)
+        (step, result)
     }))
     .await;
 
     let mut failures = Vec::new();
-    let mut observed = BTreeMap::new();
+    let mut facts_of: BTreeMap<String, HashMap<String, String>> = BTreeMap::new();
     let mut down = BTreeSet::new();
-    for (step, result, probe) in results {
+    let mut ports = BTreeSet::new();
+    let mut unreadable_port = false;
+    for (step, result) in results {
         let stdout = match result {
             Ok(stdout) => stdout,
             Err(message) => {
@@ -229,9 +239,19 @@ pub async fn preflight(
         };
         if step.role == Role::Balancer {
             down.extend(balancer.parse_down(&stdout));
+            match balancer.parse_port(&stdout) {
+                Some(p) => {
+                    ports.insert(p);
+                }
+                None => unreadable_port = true,
+            }
             continue;
         }
-        let facts: HashMap<&str, &str> = stdout.lines().filter_map(|l| l.split_once('=')).collect();
+        let facts: HashMap<String, String> = stdout
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         if let (Some(free_kb), Some(bytes)) = (
             facts.get("free_kb").and_then(|f| f.parse::<u64>().ok()),
             artifact_bytes,
@@ -249,25 +269,63 @@ pub async fn preflight(
                 });
             }
         }
-        observed.insert(
-            step.target.clone(),
+        facts_of.insert(step.target.clone(), facts);
+    }
+    let live_port = match (ports.len(), unreadable_port) {
+        (1, false) => ports.into_iter().next(),
+        _ => None,
+    };
+    let mut observation = Observation {
+        hosts: BTreeMap::new(),
+        live_port,
+    };
+    let live_slot = observation.live_slot(inv);
+    if inv.strategy == Strategy::BlueGreen && failures.is_empty() && live_slot.is_none() {
+        failures.push(HostFailure {
+            host: inv.balancer.hosts[0].clone(),
+            step: "preflight".into(),
+            message: format!(
+                "cannot tell which blue-green slot is live: the upstream files use port(s) {}, expected every server on blue_port or every server on green_port",
+                live_port.map(|p| p.to_string()).unwrap_or_else(|| "that differ or could not be read".into())
+            ),
+        });
+    }
+    // Health is probed where traffic goes: the live slot's port for blue-green.
+    let port = live_port.unwrap_or(inv.app.port);
+    let probes = join_all(facts_of.keys().map(|name| async move {
+        let host = inv.host(name).expect("plan hosts come from inventory");
+        let mut spec = HealthSpec::probe(&host.address, inv);
+        spec.port = port;
+        health
+            .probe(sessions[name].as_ref(), &spec, PROBE_DEADLINE)
+            .await
+            .is_ok()
+    }))
+    .await;
+    for ((name, facts), healthy) in facts_of.into_iter().zip(probes) {
+        let link = |key: &str| {
+            facts
+                .get(key)
+                .filter(|c| !c.is_empty())
+                .map(|c| release_name(c))
+        };
+        let release = match live_slot {
+            Some(slot) if inv.strategy == Strategy::BlueGreen => link(slot.as_str()),
+            _ => link("current"),
+        };
+        observation.hosts.insert(
+            name.clone(),
             Observed {
-                release: facts
-                    .get("current")
-                    .filter(|c| !c.is_empty())
-                    .map(|c| release_name(c)),
-                healthy: probe.unwrap_or(false),
-                in_pool: true,
+                release,
+                healthy,
+                in_pool: !down.contains(&name),
+                blue: link("blue"),
+                green: link("green"),
             },
         );
     }
-    for name in down {
-        if let Some(o) = observed.get_mut(&name) {
-            o.in_pool = false;
-        }
-    }
     if failures.is_empty() {
-        Ok(observed)
+        Ok(observation)
     } else {
         failures.sort_by(|a, b| a.host.cmp(&b.host));
         Err(Error::Preflight { failures })
@@ -287,6 +345,8 @@ pub struct StateSink {
 #[derive(Debug, Clone)]
 struct HostState {
     release: Option<String>,
+    /// The release it served when the rollout started.
+    initial_release: Option<String>,
     progress: Progress,
     /// Whether this rollout may have moved `current`: rollback must then move it back.
     switched: bool,
@@ -312,6 +372,8 @@ pub struct Executor<'a> {
     /// Set once roller is restoring the fleet (rollback, undo, finishing an interrupted
     /// batch): from then on no wait may be cut short, or the clean-up itself would strand hosts.
     cleaning_up: std::sync::atomic::AtomicBool,
+    /// Whether the batch in progress has started changing any load balancer's pool.
+    pool_changed: std::sync::atomic::AtomicBool,
     /// Why the rollout ended the way it did, beyond the failure itself.
     notes: Mutex<Vec<String>>,
 }
@@ -346,7 +408,7 @@ pub struct ExecutorInput<'a> {
     pub interrupt: Interrupt,
     pub sink: Option<&'a StateSink>,
     /// From pre-flight: each host's live release and pool membership.
-    pub observed: &'a BTreeMap<String, Observed>,
+    pub observed: &'a Observation,
 }
 
 impl<'a> Executor<'a> {
@@ -357,12 +419,13 @@ impl<'a> Executor<'a> {
             .hosts
             .iter()
             .map(|h| {
-                let seen = input.observed.get(&h.name);
+                let seen = input.observed.hosts.get(&h.name);
                 let skip = skipped.contains(&h.name);
                 (
                     h.name.clone(),
                     HostState {
                         release: seen.and_then(|o| o.release.clone()),
+                        initial_release: seen.and_then(|o| o.release.clone()),
                         progress: if skip {
                             Progress::Done
                         } else {
@@ -390,6 +453,7 @@ impl<'a> Executor<'a> {
             unsure_balancers: Mutex::new(BTreeSet::new()),
             failed_hosts: Mutex::new(0),
             cleaning_up: std::sync::atomic::AtomicBool::new(false),
+            pool_changed: std::sync::atomic::AtomicBool::new(false),
             notes: Mutex::new(Vec::new()),
         }
     }
@@ -508,6 +572,8 @@ impl<'a> Executor<'a> {
     }
 
     async fn run_batch(&self, batch: &Batch) -> std::result::Result<(), BatchStop> {
+        self.pool_changed
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         let mut failed: BTreeSet<String> = BTreeSet::new();
         for (index, phase) in batch.phases.iter().enumerate() {
             if let Some(reason) = self.interrupted() {
@@ -524,6 +590,12 @@ impl<'a> Executor<'a> {
             } else {
                 phase.clone()
             };
+            if is_pool_phase(phase.name) {
+                // Set before the change: a failure midway leaves the pool unknown, and
+                // rollback must then restore it.
+                self.pool_changed
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             match self.run_phase(Some(batch.number), &phase, &failed).await {
                 Ok(()) => {}
                 Err(failures) => {
@@ -574,8 +646,10 @@ impl<'a> Executor<'a> {
         let progress = match phase {
             PhaseName::RemoveFromPool | PhaseName::Drain => Progress::Drained,
             PhaseName::Switch => Progress::Switched,
-            PhaseName::Restart => Progress::Restarted,
-            PhaseName::HealthCheck | PhaseName::ReturnToPool => Progress::Done,
+            PhaseName::Restart | PhaseName::StartSlot => Progress::Restarted,
+            PhaseName::HealthCheck | PhaseName::ReturnToPool | PhaseName::SwitchTraffic => {
+                Progress::Done
+            }
             _ => return,
         };
         for name in batch.hosts.iter().filter(|h| !failed.contains(*h)) {
@@ -605,18 +679,21 @@ impl<'a> Executor<'a> {
             .cloned()
             .collect();
         let mut excluded: BTreeSet<String> = never_switched.union(&outside).cloned().collect();
-        // A batch that never left the pool (refused by the capacity guard, say) must not have
-        // its pool rewritten on the way out either.
-        let pool_touched = batch.hosts.iter().any(|h| !self.host(h).in_pool)
-            || !self.unsure_balancers.lock().expect("lock").is_empty();
+        // A batch whose pool was never changed (refused by the capacity guard, say) must not
+        // have it rewritten on the way out either; one whose pool was changed always does.
+        let pool_touched = self.pool_changed.load(std::sync::atomic::Ordering::SeqCst);
         let mut unrestored: Vec<String> = Vec::new();
         for phase in &batch.rollback {
-            if phase.name == PhaseName::ReturnToPool {
+            if is_pool_phase(phase.name) {
                 if only.is_some() || !pool_touched {
                     // With `only`, the caller returns the whole batch to the pool itself.
-                    break;
+                    continue;
                 }
-                let phase = self.with_pool(phase, batch, &unrestored);
+                let phase = if phase.name == PhaseName::ReturnToPool {
+                    self.with_pool(phase, batch, &unrestored)
+                } else {
+                    phase.clone()
+                };
                 if let Err(failures) = self
                     .run_phase(Some(batch.number), &phase, &BTreeSet::new())
                     .await
@@ -647,9 +724,14 @@ impl<'a> Executor<'a> {
             .cloned()
             .collect();
         for name in &restored {
+            let blue_green = self.plan.strategy == Strategy::BlueGreen;
             self.with_host(name, |h| {
                 h.progress = Progress::RolledBack;
                 h.switched = false;
+                if blue_green {
+                    // Traffic is back on the slot that served before.
+                    h.release = h.initial_release.clone();
+                }
             });
         }
         for name in &unrestored {
@@ -663,6 +745,8 @@ impl<'a> Executor<'a> {
 
     /// Takes a completed batch back to its previous release, draining it first.
     async fn undo(&self, batch: &Batch) -> std::result::Result<(), ()> {
+        self.pool_changed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         for name in &batch.hosts {
             self.with_host(name, |h| h.switched = true);
         }
@@ -701,17 +785,11 @@ impl<'a> Executor<'a> {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let content = self.balancer.render(&Pool::with_down(&down));
         let mut phase = phase.clone();
         for step in &mut phase.steps {
-            if let Action::SetPool {
-                down: d,
-                content: c,
-                ..
-            } = &mut step.action
-            {
-                *d = down.clone();
-                *c = content.clone();
+            if let Action::SetPool { pool, content, .. } = &mut step.action {
+                pool.down = down.iter().cloned().collect();
+                *content = self.balancer.render(pool);
             }
         }
         phase
@@ -762,6 +840,18 @@ impl<'a> Executor<'a> {
                         elapsed,
                         None,
                     );
+                    Ok(())
+                }
+                Ok(StepDone::Noted(note)) => {
+                    self.emit(
+                        batch,
+                        phase.name,
+                        &step.target,
+                        StepState::Succeeded,
+                        elapsed,
+                        Some(note.clone()),
+                    );
+                    self.note(format!("{} {}: {note}", step.target, phase.name));
                     Ok(())
                 }
                 Ok(StepDone::Skipped(why)) => {
@@ -866,11 +956,11 @@ impl<'a> Executor<'a> {
                 Ok(StepDone::Done)
             }
             Action::SetPool {
-                down,
+                pool,
                 content,
                 command,
             } => self
-                .set_pool(&step.target, session.as_ref(), down, content, command)
+                .set_pool(&step.target, session.as_ref(), &pool.down, content, command)
                 .await
                 .map_err(StepError::from),
             Action::Drain { command, timeout } => {
@@ -921,6 +1011,65 @@ impl<'a> Executor<'a> {
                     reason = self.interruption() => Err(StepError::interrupted(reason)),
                 }
             }
+            Action::Observe {
+                access_log,
+                hold,
+                canary,
+                weight,
+                judgement,
+            } => {
+                let log = quote(access_log);
+                let size = run(
+                    session.as_ref(),
+                    &format!(
+                        "test -r {log} || {{ echo 'cannot read the access log '{log} >&2; exit 1; }}; wc -c < {log}"
+                    ),
+                    None,
+                    COMMAND_DEADLINE,
+                )
+                .await?;
+                let offset: u64 = size
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("unexpected size of {access_log}: {size:?}"))?;
+                self.pause(*hold).await?;
+                // The tail is capped: a hold's worth of lines is what matters, not a day's.
+                let text = run(
+                    session.as_ref(),
+                    &format!("tail -c +{} {log} | tail -c 16000000", offset + 1),
+                    None,
+                    COMMAND_DEADLINE,
+                )
+                .await?;
+                let stats = canary::parse_log(&text);
+                let servers: BTreeSet<String> = canary.iter().cloned().collect();
+                match canary::judge(&stats, &servers, judgement) {
+                    Ok(verdict) => Ok(StepDone::Noted(format!("at {weight}%: {verdict}"))),
+                    Err(why) => Err(format!("canary at {weight}%: {why}").into()),
+                }
+            }
+            Action::AwaitDecision { file } => {
+                let promote = format!("promote {}", self.options.rollout_id);
+                let abort = format!("abort {}", self.options.rollout_id);
+                loop {
+                    let said = run(
+                        session.as_ref(),
+                        &format!("cat {} 2>/dev/null; true", quote(file)),
+                        None,
+                        COMMAND_DEADLINE,
+                    )
+                    .await?;
+                    match said.trim() {
+                        s if s == promote => {
+                            return Ok(StepDone::Noted("promoted with `roller promote`".into()));
+                        }
+                        s if s == abort => {
+                            return Err("aborted with `roller abort`".into());
+                        }
+                        _ => self.pause(DECISION_POLL).await?,
+                    }
+                }
+            }
             Action::CapacityCheck { .. } => unreachable!("handled above"),
         }
     }
@@ -929,7 +1078,7 @@ impl<'a> Executor<'a> {
         &self,
         target: &str,
         session: &dyn Transport,
-        down: &[String],
+        down: &BTreeSet<String>,
         content: &str,
         command: &str,
     ) -> std::result::Result<StepDone, String> {
@@ -1196,6 +1345,17 @@ impl<'a> Executor<'a> {
     }
 }
 
+/// Phases that rewrite the load balancers' pool.
+fn is_pool_phase(name: PhaseName) -> bool {
+    matches!(
+        name,
+        PhaseName::RemoveFromPool
+            | PhaseName::ReturnToPool
+            | PhaseName::SwitchTraffic
+            | PhaseName::SetWeight
+    )
+}
+
 fn journal_status(outcome: Outcome) -> Status {
     match outcome {
         Outcome::Succeeded => Status::Succeeded,
@@ -1220,6 +1380,8 @@ async fn wait_for_interrupt(interrupt: &mut Interrupt) -> String {
 
 enum StepDone {
     Done,
+    /// Done, with something the operator should read (a canary verdict).
+    Noted(String),
     Skipped(String),
 }
 

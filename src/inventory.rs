@@ -15,12 +15,118 @@ use crate::error::{Error, Problem, Result};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Inventory {
+    pub strategy: Strategy,
     pub ssh: SshConfig,
     pub app: AppConfig,
     pub health: HealthConfig,
     pub balancer: BalancerConfig,
+    pub blue_green: Option<BlueGreenConfig>,
+    pub canary: Option<CanaryConfig>,
     pub hosts: Vec<Host>,
 }
+
+/// How a release reaches the fleet; the design notes describe all three.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Batch by batch, each out of the pool while it changes.
+    #[default]
+    Rolling,
+    /// Start the new release in the idle slot of every host, then move all traffic at once.
+    BlueGreen,
+    /// A first batch gets a reduced share of traffic and is watched before the rest follow.
+    Canary,
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "rolling" => Ok(Strategy::Rolling),
+            "blue-green" => Ok(Strategy::BlueGreen),
+            "canary" => Ok(Strategy::Canary),
+            other => Err(format!(
+                "{other:?} is not a strategy: rolling, blue-green or canary"
+            )),
+        }
+    }
+}
+
+/// Two slots of the app on every host; Nginx sends traffic to one of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlueGreenConfig {
+    pub blue_port: u16,
+    pub green_port: u16,
+    /// Starts (or restarts) one slot: `{slot}` becomes `blue` or `green`, `{port}` its port.
+    pub restart: String,
+    /// Stops one slot, with the same placeholders.
+    pub stop: String,
+    /// How long the old slots keep running after a switch, for an instant switch-back.
+    #[serde(with = "human")]
+    pub keep_old: Duration,
+}
+
+impl BlueGreenConfig {
+    pub fn port(&self, slot: Slot) -> u16 {
+        match slot {
+            Slot::Blue => self.blue_port,
+            Slot::Green => self.green_port,
+        }
+    }
+
+    /// `template` with `{slot}` and `{port}` filled in. Both are plain words, so the command
+    /// stays exactly as safe as the template the operator wrote.
+    pub fn command(&self, template: &str, slot: Slot) -> String {
+        template
+            .replace("{slot}", slot.as_str())
+            .replace("{port}", &self.port(slot).to_string())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Slot {
+    Blue,
+    Green,
+}
+
+impl Slot {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Slot::Blue => "blue",
+            Slot::Green => "green",
+        }
+    }
+
+    pub fn other(self) -> Slot {
+        match self {
+            Slot::Blue => Slot::Green,
+            Slot::Green => Slot::Blue,
+        }
+    }
+}
+
+/// A first batch with a reduced Nginx weight, watched through the load balancer's access log.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CanaryConfig {
+    pub hosts: MinHealthy,
+    /// Percent of a host's fair share of traffic, held in turn.
+    pub weights: Vec<u32>,
+    #[serde(with = "human")]
+    pub hold: Duration,
+    /// On every load balancer, written with roller's log format (see the README).
+    pub access_log: String,
+    /// Abort when the canary's share of 5xx exceeds the other hosts' by more than this.
+    pub max_error_rate_increase: f64,
+    /// Abort when the canary's mean upstream time exceeds the other hosts' by this factor
+    /// (plus 10 ms of slack, so that idle microsecond noise does not count).
+    pub max_latency_ratio: f64,
+    /// Fewer canary requests than this in a hold cannot be judged, and abort.
+    pub min_requests: u64,
+}
+
+impl Eq for CanaryConfig {}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SshConfig {
@@ -130,7 +236,27 @@ impl Inventory {
             }
         };
         let mut r = Reader::default();
-        r.unknown_keys("", &root, &["ssh", "app", "health", "balancer", "hosts"]);
+        r.unknown_keys(
+            "",
+            &root,
+            &[
+                "strategy",
+                "ssh",
+                "app",
+                "health",
+                "balancer",
+                "blue_green",
+                "canary",
+                "hosts",
+            ],
+        );
+        let strategy = match r.optional_string(&root, "", "strategy") {
+            None => Strategy::Rolling,
+            Some(s) => s.parse().unwrap_or_else(|e: String| {
+                r.problem("strategy", e);
+                Strategy::Rolling
+            }),
+        };
 
         let empty = Table::new();
         let ssh_t = r.section(&root, "ssh").unwrap_or(&empty);
@@ -255,15 +381,35 @@ impl Inventory {
             ..balancer
         };
 
+        let blue_green = r
+            .optional_section(&root, "blue_green")
+            .map(|t| r.blue_green(t));
+        if strategy == Strategy::BlueGreen && blue_green.is_none() {
+            r.problem(
+                "blue_green",
+                "missing section: strategy \"blue-green\" needs ports and slot commands",
+            );
+        }
+        let canary = r.optional_section(&root, "canary").map(|t| r.canary(t));
+        if strategy == Strategy::Canary && canary.is_none() {
+            r.problem(
+                "canary",
+                "missing section: strategy \"canary\" needs at least canary.access_log",
+            );
+        }
+
         let hosts = r.hosts(&root);
         if !r.problems.is_empty() {
             return Err(r.finish());
         }
         Ok(Inventory {
+            strategy,
             ssh,
             app,
             health,
             balancer,
+            blue_green,
+            canary,
             hosts,
         })
     }
@@ -490,6 +636,129 @@ impl Reader {
                 );
                 Duration::ZERO
             }
+        }
+    }
+
+    fn blue_green(&mut self, t: &Table) -> BlueGreenConfig {
+        let s = "blue_green";
+        self.unknown_keys(
+            s,
+            t,
+            &["blue_port", "green_port", "restart", "stop", "keep_old"],
+        );
+        let config = BlueGreenConfig {
+            blue_port: self.port(t, s, "blue_port", Some(8081)),
+            green_port: self.port(t, s, "green_port", Some(8082)),
+            restart: self.string(t, s, "restart", None),
+            stop: self.string(t, s, "stop", None),
+            keep_old: self.duration(t, s, "keep_old", Some("10m")),
+        };
+        if config.blue_port == config.green_port {
+            self.problem(
+                "blue_green.green_port",
+                "must differ from blue_green.blue_port",
+            );
+        }
+        for (key, template) in [("restart", &config.restart), ("stop", &config.stop)] {
+            if !template.is_empty() && !template.contains("{slot}") && !template.contains("{port}")
+            {
+                self.problem(
+                    format!("blue_green.{key}"),
+                    "must name the slot with {slot} or {port}, or both slots would get the same command",
+                );
+            }
+        }
+        config
+    }
+
+    fn canary(&mut self, t: &Table) -> CanaryConfig {
+        let s = "canary";
+        self.unknown_keys(
+            s,
+            t,
+            &[
+                "hosts",
+                "weights",
+                "hold",
+                "access_log",
+                "max_error_rate_increase",
+                "max_latency_ratio",
+                "min_requests",
+            ],
+        );
+        let hosts = match t.get("hosts") {
+            None => MinHealthy::Hosts(1),
+            Some(Value::Integer(n)) if *n >= 1 => MinHealthy::Hosts(*n as usize),
+            Some(Value::String(v)) => {
+                match v.trim().strip_suffix('%').map(|p| p.trim().parse::<u8>()) {
+                    Some(Ok(p)) if (1..100).contains(&p) => MinHealthy::Percent(p),
+                    _ => {
+                        self.problem(
+                            "canary.hosts",
+                            format!("{v:?} is not a host count (1) or a percentage (\"10%\")"),
+                        );
+                        MinHealthy::Hosts(1)
+                    }
+                }
+            }
+            Some(other) => {
+                self.problem(
+                    "canary.hosts",
+                    format!("must be a host count or a percentage, got {other}"),
+                );
+                MinHealthy::Hosts(1)
+            }
+        };
+        let weights = match t.get("weights") {
+            None => vec![10, 50, 100],
+            Some(Value::Array(items)) => {
+                let weights: Vec<u32> = items
+                    .iter()
+                    .filter_map(|v| v.as_integer())
+                    .filter(|w| (1..=100).contains(w))
+                    .map(|w| w as u32)
+                    .collect();
+                if weights.len() != items.len()
+                    || weights.is_empty()
+                    || weights.windows(2).any(|w| w[0] >= w[1])
+                {
+                    self.problem(
+                        "canary.weights",
+                        "must be rising percentages between 1 and 100, like [10, 50, 100]",
+                    );
+                }
+                weights
+            }
+            Some(other) => {
+                self.problem(
+                    "canary.weights",
+                    format!("must be a list of percentages, got {}", other.type_str()),
+                );
+                vec![100]
+            }
+        };
+        let ratio = |r: &mut Reader, key: &str, default: f64, min: f64| -> f64 {
+            match t.get(key) {
+                None => default,
+                Some(Value::Float(f)) if *f >= min => *f,
+                Some(Value::Integer(i)) if *i as f64 >= min => *i as f64,
+                Some(other) => {
+                    r.problem(
+                        format!("canary.{key}"),
+                        format!("must be a number of at least {min}, got {other}"),
+                    );
+                    default
+                }
+            }
+        };
+        CanaryConfig {
+            hosts,
+            weights,
+            hold: self.duration(t, s, "hold", Some("1m")),
+            access_log: self.string(t, s, "access_log", None),
+            max_error_rate_increase: ratio(self, "max_error_rate_increase", 0.01, 0.0),
+            max_latency_ratio: ratio(self, "max_latency_ratio", 1.5, 1.0),
+            min_requests: self.integer(t, s, "min_requests", Some(20), 1, 1_000_000_000) as u64,
         }
     }
 

@@ -64,6 +64,8 @@ impl Status {
 /// The rollout as `resume` and `recover` need to know it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutState {
+    #[serde(default)]
+    pub strategy: crate::inventory::Strategy,
     /// Also the deploy lock's token: a resumed rollout re-takes its own lock.
     pub id: String,
     pub app: String,
@@ -224,6 +226,7 @@ mod tests {
     fn the_journal_keeps_the_last_state_across_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let mut state = RolloutState {
+            strategy: crate::inventory::Strategy::Rolling,
             id: "r1".into(),
             app: "shop".into(),
             release: "v2".into(),

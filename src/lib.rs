@@ -5,6 +5,7 @@
 //! report. Only the executor and the transports perform I/O on hosts.
 
 pub mod balancer;
+pub mod canary;
 pub mod error;
 pub mod executor;
 pub mod health;

@@ -15,7 +15,7 @@ use roller::balancer::Nginx;
 use roller::error::{Error, HostFailure};
 use roller::executor::{self, Executor, ExecutorInput, FailurePolicy, Options, StateSink};
 use roller::health::HttpOverSsh;
-use roller::inventory::Inventory;
+use roller::inventory::{Inventory, Strategy};
 use roller::journal::{self, Journal, Progress, RolloutState, Status, Tee};
 use roller::lock::{self, Acquired, LeaseKeeper, LockError, LockInfo, LockSpec};
 use roller::plan::{Artifact, BatchSize, Plan, PlanInput};
@@ -65,6 +65,12 @@ enum Command {
     Recover(ResumeArgs),
     /// Remove the deploy lock, whoever holds it.
     Unlock(UnlockArgs),
+    /// Blue-green: send traffic back to the other slot (one reload, no restart).
+    SwitchBack(SwitchBackArgs),
+    /// Canary with --pause: let the paused rollout go on to the rest of the fleet.
+    Promote(UnlockArgs),
+    /// Canary with --pause: roll the canary back and stop.
+    Abort(UnlockArgs),
 }
 
 #[derive(Args)]
@@ -90,6 +96,9 @@ struct PlanArgs {
     /// Hosts per batch: a count (1) or a share of the fleet (25%).
     #[arg(long, short = 'b', default_value = "1")]
     batch: BatchSize,
+    /// rolling, blue-green or canary [default: the inventory's `strategy`, else rolling].
+    #[arg(long)]
+    strategy: Option<Strategy>,
 }
 
 #[derive(Args)]
@@ -114,6 +123,9 @@ struct RolloutArgs {
     /// Hosts that may fail, each rolled back alone, before a batch fails as a whole.
     #[arg(long, default_value_t = 0)]
     max_failed_hosts: usize,
+    /// Canary: after the last hold, wait for `roller promote` or `roller abort`.
+    #[arg(long)]
+    pause: bool,
 }
 
 #[derive(Args)]
@@ -134,6 +146,14 @@ struct ResumeArgs {
 struct UnlockArgs {
     #[command(flatten)]
     common: Common,
+}
+
+#[derive(Args)]
+struct SwitchBackArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    control: Control,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -173,6 +193,8 @@ fn main() -> ExitCode {
         Command::Rollout(a) => a.plan.common.output,
         Command::Resume(a) | Command::Recover(a) => a.common.output,
         Command::Unlock(a) => a.common.output,
+        Command::SwitchBack(a) => a.common.output,
+        Command::Promote(a) | Command::Abort(a) => a.common.output,
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -187,6 +209,9 @@ fn main() -> ExitCode {
         Command::Resume(args) => runtime.block_on(resume_command(args, false)),
         Command::Recover(args) => runtime.block_on(resume_command(args, true)),
         Command::Unlock(args) => runtime.block_on(unlock_command(args)),
+        Command::SwitchBack(args) => runtime.block_on(switch_back_command(args)),
+        Command::Promote(args) => runtime.block_on(decide(args, "promote")),
+        Command::Abort(args) => runtime.block_on(decide(args, "abort")),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -262,7 +287,8 @@ fn release_for(release: &Option<String>, artifact: &Option<Artifact>) -> Result<
 }
 
 fn plan_command(args: &PlanArgs) -> Result<u8, Error> {
-    let (inventory, balancer) = load_inventory(&args.common)?;
+    let (mut inventory, balancer) = load_inventory(&args.common)?;
+    inventory.strategy = args.strategy.unwrap_or(inventory.strategy);
     let artifact = args.artifact.as_deref().map(Artifact::load).transpose()?;
     let plan = Plan::build(PlanInput {
         inventory: &inventory,
@@ -273,6 +299,9 @@ fn plan_command(args: &PlanArgs) -> Result<u8, Error> {
         observed: None,
         unfinished: &BTreeSet::new(),
         targets: None,
+        strategy: inventory.strategy,
+        live_slot: None,
+        pause: false,
     })?;
     match args.common.output {
         Output::Text => print!("{}", plan.render_text()),
@@ -286,6 +315,7 @@ fn plan_command(args: &PlanArgs) -> Result<u8, Error> {
 
 /// What a rollout, a resumed rollout and a recovery have in common.
 struct Job {
+    pause: bool,
     inventory: Inventory,
     inventory_path: PathBuf,
     balancer: Nginx,
@@ -306,10 +336,22 @@ enum JobKind {
     Resume(RolloutState),
     /// Returns every host to its release from before the rollout in this state.
     Recover(RolloutState),
+    /// Blue-green: traffic back to the other slot.
+    SwitchBack,
 }
 
 async fn rollout_command(args: &RolloutArgs) -> Result<u8, Error> {
-    let (inventory, balancer) = load_inventory(&args.plan.common)?;
+    let (mut inventory, balancer) = load_inventory(&args.plan.common)?;
+    inventory.strategy = args.plan.strategy.unwrap_or(inventory.strategy);
+    if inventory.strategy == Strategy::BlueGreen && inventory.blue_green.is_none() {
+        return Err(Error::Usage {
+            flag: "--strategy".into(),
+            message: format!(
+                "blue-green needs a [blue_green] section in {}",
+                args.plan.common.inventory.display()
+            ),
+        });
+    }
     let Some(path) = &args.plan.artifact else {
         return Err(Error::Usage {
             flag: "--artifact".into(),
@@ -319,6 +361,7 @@ async fn rollout_command(args: &RolloutArgs) -> Result<u8, Error> {
     let artifact = Artifact::load(path)?;
     let release = release_for(&args.plan.release, &Some(artifact.clone()))?;
     let job = Job {
+        pause: args.pause,
         options: options(
             &args.plan.common,
             args.on_failure.into(),
@@ -340,7 +383,7 @@ async fn rollout_command(args: &RolloutArgs) -> Result<u8, Error> {
 }
 
 async fn resume_command(args: &ResumeArgs, recover: bool) -> Result<u8, Error> {
-    let (inventory, balancer) = load_inventory(&args.common)?;
+    let (mut inventory, balancer) = load_inventory(&args.common)?;
     let state = match &args.journal {
         Some(path) => Journal::last_state(path)
             .map_err(|e| Error::State(format!("cannot read journal {}: {e}", path.display())))?
@@ -390,6 +433,13 @@ async fn resume_command(args: &ResumeArgs, recover: bool) -> Result<u8, Error> {
             _ => None,
         }
     };
+    inventory.strategy = state.strategy;
+    if recover && state.strategy == Strategy::BlueGreen {
+        return Err(Error::Usage {
+            flag: "recover".into(),
+            message: "a blue-green release is undone with `roller switch-back`".into(),
+        });
+    }
     let on_failure = match state.on_failure.as_str() {
         "rollback-all" => FailurePolicy::RollbackAll,
         "halt" => FailurePolicy::Halt,
@@ -397,6 +447,7 @@ async fn resume_command(args: &ResumeArgs, recover: bool) -> Result<u8, Error> {
     };
     let batch: BatchSize = state.batch.parse().unwrap_or(BatchSize::Hosts(1));
     let job = Job {
+        pause: false,
         options: options(&args.common, on_failure, state.max_failed_hosts),
         inventory_path: args.common.inventory.clone(),
         inventory,
@@ -415,6 +466,86 @@ async fn resume_command(args: &ResumeArgs, recover: bool) -> Result<u8, Error> {
         },
     };
     drive(job).await
+}
+
+async fn switch_back_command(args: &SwitchBackArgs) -> Result<u8, Error> {
+    let (mut inventory, balancer) = load_inventory(&args.common)?;
+    if inventory.blue_green.is_none() {
+        return Err(Error::Usage {
+            flag: "switch-back".into(),
+            message: format!(
+                "needs a [blue_green] section in {}",
+                args.common.inventory.display()
+            ),
+        });
+    }
+    inventory.strategy = Strategy::BlueGreen;
+    let job = Job {
+        pause: false,
+        options: options(&args.common, FailurePolicy::RollbackBatch, 0),
+        inventory_path: args.common.inventory.clone(),
+        inventory,
+        balancer,
+        output: args.common.output,
+        release: "switch-back".into(),
+        artifact: None,
+        batch: BatchSize::Hosts(1),
+        batch_text: "1".into(),
+        lock_wait: args.control.lock_wait,
+        journal_dir: journal_dir(&args.control),
+        kind: JobKind::SwitchBack,
+    };
+    drive(job).await
+}
+
+/// Leaves word for a paused canary rollout on the first load balancer, naming the rollout so
+/// that a stale word never applies to the next one.
+async fn decide(args: &UnlockArgs, decision: &str) -> Result<u8, Error> {
+    let (inventory, _) = load_inventory(&args.common)?;
+    let lb = connect_first_balancer(&inventory).await?;
+    let result = async {
+        let state = read_state(lb.as_ref(), &inventory)
+            .await?
+            .filter(|s| s.status == Status::Running)
+            .ok_or_else(|| {
+                Error::Unfinished(format!(
+                    "no rollout of {} is running: nothing to {decision}",
+                    inventory.app.name
+                ))
+            })?;
+        let file = roller::plan::decision_file(&inventory);
+        let command = format!(
+            "mkdir -p {} && printf '%s\\n' {} > {}",
+            roller::remote::quote(&inventory.balancer.state_dir),
+            roller::remote::quote(&format!("{decision} {}", state.id)),
+            roller::remote::quote(&file)
+        );
+        let out = lb
+            .exec(&command, None, Duration::from_secs(30))
+            .await
+            .map_err(|e| Error::State(e.to_string()))?;
+        if !out.success() {
+            return Err(Error::State(format!(
+                "cannot write {file}: {}",
+                out.stderr_text()
+            )));
+        }
+        Ok(state)
+    }
+    .await;
+    lb.close().await;
+    let state = result?;
+    match args.common.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({ "event": decision, "rollout": state.id, "release": state.release })
+        ),
+        Output::Text => println!(
+            "told rollout {} of {} to {decision}",
+            state.id, state.release
+        ),
+    }
+    Ok(exit::OK)
 }
 
 async fn unlock_command(args: &UnlockArgs) -> Result<u8, Error> {
@@ -449,6 +580,7 @@ fn options(common: &Common, on_failure: FailurePolicy, max_failed_hosts: usize) 
         max_failed_hosts,
         resume_hint: format!("roller resume --inventory {inv}"),
         recover_hint: format!("roller recover --inventory {inv}"),
+        rollout_id: String::new(),
     }
 }
 
@@ -668,6 +800,7 @@ async fn with_lock(
     let mut before_prior = None;
     let previous = match (&job.kind, prior) {
         (JobKind::Resume(s) | JobKind::Recover(s), _) => Some(s.clone()),
+        (JobKind::SwitchBack, _) => None,
         (JobKind::Rollout, Some(p)) if p.status.stranded() && p.id != me.token => {
             if p.release != job.release {
                 return Err(Error::Unfinished(format!(
@@ -720,16 +853,24 @@ async fn with_lock(
         Some(targets) => most_common(targets.values()).unwrap_or_else(|| job.release.clone()),
         None => job.release.clone(),
     };
-    let plan = Plan::build(PlanInput {
-        inventory: inv,
-        balancer: &job.balancer,
-        release: release.clone(),
-        artifact: job.artifact.clone(),
-        batch: job.batch,
-        observed: Some(&observed),
-        unfinished: &unfinished,
-        targets: recover_targets.as_ref(),
-    })?;
+    let live_slot = observed.live_slot(inv);
+    let plan = match (&job.kind, live_slot) {
+        (JobKind::SwitchBack, Some(live)) => Plan::switch_back(inv, &job.balancer, live)?,
+        (JobKind::SwitchBack, None) => unreachable!("pre-flight fails when no slot is live"),
+        _ => Plan::build(PlanInput {
+            inventory: inv,
+            balancer: &job.balancer,
+            release: release.clone(),
+            artifact: job.artifact.clone(),
+            batch: job.batch,
+            observed: Some(&observed.hosts),
+            unfinished: &unfinished,
+            targets: recover_targets.as_ref(),
+            strategy: inv.strategy,
+            live_slot,
+            pause: job.pause,
+        })?,
+    };
     if let Some(targets) = &recover_targets {
         let lost: Vec<&String> = inv
             .hosts
@@ -750,11 +891,13 @@ async fn with_lock(
 
     let before = before_prior.unwrap_or_else(|| {
         observed
+            .hosts
             .iter()
             .map(|(h, o)| (h.clone(), o.release.clone()))
             .collect()
     });
     let state = RolloutState {
+        strategy: inv.strategy,
         id: me.token.clone(),
         app: inv.app.name.clone(),
         release: job.release.clone(),
@@ -783,7 +926,10 @@ async fn with_lock(
         health: &HttpOverSsh,
         sessions,
         reporter: reporter.clone(),
-        options: job.options.clone(),
+        options: Options {
+            rollout_id: me.token.clone(),
+            ..job.options.clone()
+        },
         interrupt,
         sink: Some(&sink),
         observed: &observed,

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::balancer::{Balancer, Pool};
 use crate::error::{Error, Result};
-use crate::inventory::{Host, Inventory, human, is_word};
+use crate::inventory::{Host, Inventory, Slot, Strategy, human, is_word};
 use crate::remote;
 
 /// The jar to roll out, read once: its bytes are uploaded to every host from memory.
@@ -128,7 +128,10 @@ impl BatchSize {
 pub struct Plan {
     pub app: String,
     pub release: String,
-    pub strategy: &'static str,
+    pub strategy: Strategy,
+    /// Blue-green: the slot traffic moves away from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live_slot: Option<Slot>,
     pub artifact: Option<Artifact>,
     pub hosts: Vec<Host>,
     pub balancers: Vec<String>,
@@ -191,6 +194,20 @@ pub enum PhaseName {
     ReturnToPool,
     SwitchBack,
     Prune,
+    /// Blue-green: start the new release in the idle slot.
+    StartSlot,
+    /// Blue-green: every load balancer to the new slots, one reload each.
+    SwitchTraffic,
+    /// Blue-green: record the live slot and stop the old one once `keep_old` has passed.
+    KeepOld,
+    /// Blue-green: stop a slot that will not get traffic.
+    StopSlot,
+    /// Canary: the canary back in the pool at a share of its traffic.
+    SetWeight,
+    /// Canary: hold, then judge the canary from the access log.
+    Observe,
+    /// Canary with `--pause`: wait for `roller promote` or `roller abort`.
+    AwaitDecision,
 }
 
 impl PhaseName {
@@ -207,6 +224,13 @@ impl PhaseName {
             PhaseName::ReturnToPool => "return-to-pool",
             PhaseName::SwitchBack => "switch-back",
             PhaseName::Prune => "prune",
+            PhaseName::StartSlot => "start-slot",
+            PhaseName::SwitchTraffic => "switch-traffic",
+            PhaseName::KeepOld => "keep-old",
+            PhaseName::StopSlot => "stop-slot",
+            PhaseName::SetWeight => "set-weight",
+            PhaseName::Observe => "observe",
+            PhaseName::AwaitDecision => "await-decision",
         }
     }
 }
@@ -245,9 +269,9 @@ pub enum Action {
     /// `check` prints `present` when the host already holds the jar; otherwise the jar is
     /// streamed to `upload` on stdin.
     Upload { check: String, upload: String },
-    /// `content` goes to `command` on stdin; `down` is the pool it encodes.
+    /// `content` goes to `command` on stdin; `pool` is what it encodes.
     SetPool {
-        down: Vec<String>,
+        pool: Pool,
         content: String,
         command: String,
     },
@@ -269,6 +293,20 @@ pub enum Action {
         timeout: Duration,
         successes: u32,
     },
+    /// Reads the access log's size, holds, then judges the canary servers from the lines
+    /// written meanwhile.
+    Observe {
+        access_log: String,
+        #[serde(with = "human")]
+        hold: Duration,
+        /// `address:port` as the log names them.
+        canary: Vec<String>,
+        /// The canary's share of its fair traffic during this hold, in percent.
+        weight: u32,
+        judgement: Judgement,
+    },
+    /// Polls `file` until it holds `promote <rollout>` or `abort <rollout>`.
+    AwaitDecision { file: String },
     /// Probes every host that stays in the pool once; fails when fewer than `min_healthy`
     /// answer healthy.
     CapacityCheck {
@@ -280,12 +318,26 @@ pub enum Action {
     },
 }
 
+/// How the canary is judged after each hold (see `canary.rs`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Judgement {
+    pub max_error_rate_increase: f64,
+    pub max_latency_ratio: f64,
+    pub min_requests: u64,
+}
+
 /// A host as pre-flight found it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Observed {
+    /// The release the host serves traffic from: `current`, or the live blue-green slot's link.
     pub release: Option<String>,
     pub healthy: bool,
     pub in_pool: bool,
+    /// The blue-green slots' releases, where they have one.
+    #[serde(default)]
+    pub blue: Option<String>,
+    #[serde(default)]
+    pub green: Option<String>,
 }
 
 pub struct PlanInput<'a> {
@@ -300,6 +352,12 @@ pub struct PlanInput<'a> {
     pub unfinished: &'a BTreeSet<String>,
     /// Per-host releases for `recover`; `None` means `release` everywhere.
     pub targets: Option<&'a BTreeMap<String, String>>,
+    pub strategy: Strategy,
+    /// The blue-green slot the load balancers send traffic to, as pre-flight read it; `None`
+    /// offline, where blue is assumed.
+    pub live_slot: Option<Slot>,
+    /// Canary: wait for `roller promote` or `roller abort` after the last hold.
+    pub pause: bool,
 }
 
 impl Plan {
@@ -330,6 +388,13 @@ impl Plan {
     }
 
     pub fn build(input: PlanInput<'_>) -> Result<Plan> {
+        match input.strategy {
+            Strategy::BlueGreen => Plan::build_blue_green(input),
+            Strategy::Rolling | Strategy::Canary => Plan::build_rolling(input),
+        }
+    }
+
+    fn build_rolling(input: PlanInput<'_>) -> Result<Plan> {
         let PlanInput {
             inventory: inv,
             balancer,
@@ -339,6 +404,9 @@ impl Plan {
             observed,
             unfinished,
             targets,
+            strategy,
+            live_slot: _,
+            pause,
         } = input;
         validate_release(&release)?;
         let total = inv.hosts.len();
@@ -409,23 +477,8 @@ impl Plan {
             role: Role::Balancer,
             action,
         };
-        let set_pool = |down: &[String]| -> Vec<Step> {
-            let content = balancer.render(&Pool::with_down(down));
-            inv.balancer
-                .hosts
-                .iter()
-                .map(|lb| {
-                    lb_step(
-                        lb,
-                        Action::SetPool {
-                            down: down.to_vec(),
-                            content: content.clone(),
-                            command: balancer.apply_command(),
-                        },
-                    )
-                })
-                .collect()
-        };
+        let set_pool =
+            |down: &[String]| -> Vec<Step> { pool_steps(inv, balancer, Pool::with_down(down)) };
         let per_host = |hosts: &[&Host], action: &dyn Fn(&Host) -> Action| -> Vec<Step> {
             hosts
                 .iter()
@@ -461,14 +514,55 @@ impl Plan {
             None => Vec::new(),
         };
 
-        let batches = todo
-            .chunks(per_batch)
+        let canary = match (strategy, &inv.canary) {
+            (Strategy::Canary, Some(c)) => Some(c),
+            (Strategy::Canary, None) => {
+                return Err(Error::Usage {
+                    flag: "--strategy".into(),
+                    message: "canary needs a [canary] section in the inventory".into(),
+                });
+            }
+            _ => None,
+        };
+        let canary_size = canary.map(|c| c.hosts.hosts(total).max(1));
+        if let Some(n) = canary_size
+            && n >= total
+        {
+            return Err(Error::Usage {
+                flag: "canary.hosts".into(),
+                message: format!(
+                    "a canary of {n} host(s) out of {total} leaves no hosts to compare it with"
+                ),
+            });
+        }
+        // The canary is the first batch, whatever --batch says; the rest follow in --batch.
+        let mut groups: Vec<&[&Host]> = Vec::new();
+        let rest = match canary_size {
+            Some(n) if !todo.is_empty() => {
+                let n = n.min(todo.len());
+                groups.push(&todo[..n]);
+                &todo[n..]
+            }
+            _ => &todo[..],
+        };
+        groups.extend(rest.chunks(per_batch));
+        let first_of_group: Vec<usize> = groups
+            .iter()
+            .scan(0, |start, g| {
+                let s = *start;
+                *start += g.len();
+                Some(s)
+            })
+            .collect();
+        let batches = groups
+            .iter()
+            .copied()
             .enumerate()
             .map(|(i, hosts)| {
                 let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
                 let later: BTreeSet<&String> = todo
                     .iter()
-                    .skip((i + 1) * per_batch)
+                    .skip(first_of_group[i] + hosts.len())
                     .map(|h| &h.name)
                     .collect();
                 let held_out: Vec<String> = unhealthy
@@ -512,30 +606,93 @@ impl Plan {
                         },
                     }],
                 );
+                let mut phases = vec![
+                    capacity.clone(),
+                    phase(PhaseName::RemoveFromPool, set_pool(&out)),
+                    phase(PhaseName::Drain, drain()),
+                    phase(
+                        PhaseName::Switch,
+                        per_host(hosts, &|h| Action::Run {
+                            command: remote::switch(app, &target_of(h)),
+                        }),
+                    ),
+                    phase(PhaseName::Restart, per_host(hosts, &restart)),
+                    phase(PhaseName::HealthCheck, per_host(hosts, &health)),
+                ];
+                // A canary serves traffic when it is judged: rolling it back starts by taking
+                // it out of the pool again and draining it.
+                let mut rollback = Vec::new();
+                match canary.filter(|_| i == 0) {
+                    Some(c) => {
+                        let servers: Vec<String> =
+                            hosts.iter().map(|h| balancer.server(h)).collect();
+                        for &weight in &c.weights {
+                            let mut pool = Pool::with_down(&held_out);
+                            if weight < 100 {
+                                pool.weights = names.iter().map(|n| (n.clone(), weight)).collect();
+                            }
+                            let name = if weight < 100 {
+                                PhaseName::SetWeight
+                            } else {
+                                PhaseName::ReturnToPool
+                            };
+                            phases.push(phase(name, pool_steps(inv, balancer, pool)));
+                            phases.push(phase(
+                                PhaseName::Observe,
+                                inv.balancer
+                                    .hosts
+                                    .iter()
+                                    .map(|lb| {
+                                        lb_step(
+                                            lb,
+                                            Action::Observe {
+                                                access_log: c.access_log.clone(),
+                                                hold: c.hold,
+                                                canary: servers.clone(),
+                                                weight,
+                                                judgement: Judgement {
+                                                    max_error_rate_increase: c
+                                                        .max_error_rate_increase,
+                                                    max_latency_ratio: c.max_latency_ratio,
+                                                    min_requests: c.min_requests,
+                                                },
+                                            },
+                                        )
+                                    })
+                                    .collect(),
+                            ));
+                        }
+                        if c.weights.last() != Some(&100) {
+                            phases.push(phase(PhaseName::ReturnToPool, set_pool(&held_out)));
+                        }
+                        if pause {
+                            phases.push(phase(
+                                PhaseName::AwaitDecision,
+                                vec![lb_step(
+                                    &inv.balancer.hosts[0],
+                                    Action::AwaitDecision {
+                                        file: decision_file(inv),
+                                    },
+                                )],
+                            ));
+                        }
+                        rollback.push(phase(PhaseName::RemoveFromPool, set_pool(&out)));
+                        rollback.push(phase(PhaseName::Drain, drain()));
+                    }
+                    None => phases.push(phase(PhaseName::ReturnToPool, set_pool(&held_out))),
+                }
+                rollback.extend([
+                    phase(PhaseName::SwitchBack, per_host(hosts, &switch_back)),
+                    phase(PhaseName::Restart, per_host(hosts, &restart)),
+                    phase(PhaseName::HealthCheck, per_host(hosts, &health)),
+                    phase(PhaseName::ReturnToPool, set_pool(&held_out)),
+                ]);
                 Batch {
                     number: i + 1,
                     hosts: names.clone(),
                     held_out: held_out.clone(),
-                    phases: vec![
-                        capacity.clone(),
-                        phase(PhaseName::RemoveFromPool, set_pool(&out)),
-                        phase(PhaseName::Drain, drain()),
-                        phase(
-                            PhaseName::Switch,
-                            per_host(hosts, &|h| Action::Run {
-                                command: remote::switch(app, &target_of(h)),
-                            }),
-                        ),
-                        phase(PhaseName::Restart, per_host(hosts, &restart)),
-                        phase(PhaseName::HealthCheck, per_host(hosts, &health)),
-                        phase(PhaseName::ReturnToPool, set_pool(&held_out)),
-                    ],
-                    rollback: vec![
-                        phase(PhaseName::SwitchBack, per_host(hosts, &switch_back)),
-                        phase(PhaseName::Restart, per_host(hosts, &restart)),
-                        phase(PhaseName::HealthCheck, per_host(hosts, &health)),
-                        phase(PhaseName::ReturnToPool, set_pool(&held_out)),
-                    ],
+                    phases,
+                    rollback,
                     undo: vec![
                         capacity,
                         phase(PhaseName::RemoveFromPool, set_pool(&names)),
@@ -557,7 +714,8 @@ impl Plan {
         Ok(Plan {
             app: app.name.clone(),
             release,
-            strategy: "rolling",
+            strategy,
+            live_slot: None,
             hosts: inv.hosts.clone(),
             balancers: inv.balancer.hosts.clone(),
             upstream_file: inv.balancer.upstream_file.clone(),
@@ -577,6 +735,245 @@ impl Plan {
         })
     }
 
+    /// Blue-green: start the release in every host's idle slot, check them all, then move every
+    /// load balancer to the new slots at once. Nothing leaves the pool; the old slots keep
+    /// running for `keep_old` so that `roller switch-back` is one reload.
+    fn build_blue_green(input: PlanInput<'_>) -> Result<Plan> {
+        let PlanInput {
+            inventory: inv,
+            balancer,
+            release,
+            artifact,
+            observed,
+            live_slot,
+            ..
+        } = input;
+        validate_release(&release)?;
+        let bg = inv.blue_green.as_ref().ok_or_else(|| Error::Usage {
+            flag: "--strategy".into(),
+            message: "blue-green needs a [blue_green] section in the inventory".into(),
+        })?;
+        let app = &inv.app;
+        let live = live_slot.unwrap_or(Slot::Blue);
+        let idle = live.other();
+        let link = format!("current-{}", idle.as_str());
+        let all: Vec<&Host> = inv.hosts.iter().collect();
+        let per_host = |action: &dyn Fn(&Host) -> Action| -> Vec<Step> {
+            all.iter()
+                .map(|h| Step {
+                    target: h.name.clone(),
+                    role: Role::App,
+                    action: action(h),
+                })
+                .collect()
+        };
+        let phase = |name, steps| Phase { name, steps };
+        let done_everywhere = observed.is_some_and(|o| {
+            all.iter().all(|h| {
+                o.get(&h.name)
+                    .is_some_and(|o| o.healthy && o.release.as_deref() == Some(release.as_str()))
+            })
+        });
+        let skipped: Vec<Skipped> = if done_everywhere {
+            all.iter()
+                .map(|h| Skipped {
+                    host: h.name.clone(),
+                    reason: format!("already serves {release} from its {} slot", live.as_str()),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let stage = match (&artifact, done_everywhere) {
+            (Some(a), false) => per_host(&|_| Action::Upload {
+                check: remote::artifact_present(app, &release, &a.sha256),
+                upload: remote::upload(app, &release, &a.sha256),
+            }),
+            _ => Vec::new(),
+        };
+        let health = |_: &Host, timeout| Action::HealthCheck {
+            address: String::new(),
+            port: bg.port(idle),
+            path: inv.health.path.clone(),
+            expect_status: inv.health.expect_status,
+            interval: inv.health.interval,
+            timeout,
+            successes: inv.health.successes,
+        };
+        let with_address = |mut steps: Vec<Step>| -> Vec<Step> {
+            for step in &mut steps {
+                if let Action::HealthCheck { address, .. } = &mut step.action {
+                    *address = inv
+                        .host(&step.target)
+                        .map(|h| h.address.clone())
+                        .unwrap_or_default();
+                }
+            }
+            steps
+        };
+        let traffic_to = |slot: Slot| Pool {
+            port: Some(bg.port(slot)),
+            ..Pool::default()
+        };
+        let batches = if done_everywhere {
+            Vec::new()
+        } else {
+            vec![Batch {
+                number: 1,
+                hosts: all.iter().map(|h| h.name.clone()).collect(),
+                held_out: Vec::new(),
+                phases: vec![
+                    phase(
+                        PhaseName::Switch,
+                        per_host(&|_| Action::Run {
+                            command: remote::switch_link(app, &link, &release),
+                        }),
+                    ),
+                    phase(
+                        PhaseName::StartSlot,
+                        per_host(&|_| Action::Run {
+                            command: bg.command(&bg.restart, idle),
+                        }),
+                    ),
+                    phase(
+                        PhaseName::HealthCheck,
+                        with_address(per_host(&|h| health(h, inv.health.timeout))),
+                    ),
+                    phase(
+                        PhaseName::SwitchTraffic,
+                        pool_steps(inv, balancer, traffic_to(idle)),
+                    ),
+                    phase(
+                        PhaseName::KeepOld,
+                        per_host(&|_| Action::Run {
+                            command: remote::keep_old(
+                                app,
+                                idle.as_str(),
+                                &bg.command(&bg.stop, live),
+                                bg.keep_old,
+                            ),
+                        }),
+                    ),
+                ],
+                // Traffic never reached the new slots unless the switch began: then it goes
+                // back; either way the new slots stop.
+                rollback: vec![
+                    phase(
+                        PhaseName::SwitchTraffic,
+                        pool_steps(inv, balancer, traffic_to(live)),
+                    ),
+                    phase(
+                        PhaseName::StopSlot,
+                        per_host(&|_| Action::Run {
+                            command: bg.command(&bg.stop, idle),
+                        }),
+                    ),
+                ],
+                undo: Vec::new(),
+            }]
+        };
+        let targets = if done_everywhere {
+            BTreeMap::new()
+        } else {
+            all.iter()
+                .map(|h| (h.name.clone(), release.clone()))
+                .collect()
+        };
+        Ok(Plan {
+            app: app.name.clone(),
+            release,
+            strategy: Strategy::BlueGreen,
+            live_slot: Some(live),
+            artifact,
+            hosts: inv.hosts.clone(),
+            balancers: inv.balancer.hosts.clone(),
+            upstream_file: inv.balancer.upstream_file.clone(),
+            reload: inv.balancer.reload.clone(),
+            preflight: Plan::preflight(inv, balancer),
+            skipped,
+            targets,
+            stage: phase(PhaseName::Stage, stage),
+            batches,
+            finish: phase(PhaseName::Prune, Vec::new()),
+        })
+    }
+
+    /// `roller switch-back`: traffic to the other slot, which must still be running and
+    /// healthy. One reload per load balancer, no restart.
+    pub fn switch_back(inv: &Inventory, balancer: &dyn Balancer, live: Slot) -> Result<Plan> {
+        let bg = inv.blue_green.as_ref().ok_or_else(|| Error::Usage {
+            flag: "switch-back".into(),
+            message: "needs a [blue_green] section in the inventory".into(),
+        })?;
+        let back = live.other();
+        let phase = |name, steps| Phase { name, steps };
+        let per_host = |action: &dyn Fn(&Host) -> Action| -> Vec<Step> {
+            inv.hosts
+                .iter()
+                .map(|h| Step {
+                    target: h.name.clone(),
+                    role: Role::App,
+                    action: action(h),
+                })
+                .collect()
+        };
+        let traffic_to = |slot: Slot| Pool {
+            port: Some(bg.port(slot)),
+            ..Pool::default()
+        };
+        Ok(Plan {
+            app: inv.app.name.clone(),
+            release: format!("{}-slot", back.as_str()),
+            strategy: Strategy::BlueGreen,
+            live_slot: Some(live),
+            artifact: None,
+            hosts: inv.hosts.clone(),
+            balancers: inv.balancer.hosts.clone(),
+            upstream_file: inv.balancer.upstream_file.clone(),
+            reload: inv.balancer.reload.clone(),
+            preflight: Plan::preflight(inv, balancer),
+            skipped: Vec::new(),
+            targets: BTreeMap::new(),
+            stage: phase(PhaseName::Stage, Vec::new()),
+            batches: vec![Batch {
+                number: 1,
+                hosts: inv.hosts.iter().map(|h| h.name.clone()).collect(),
+                held_out: Vec::new(),
+                phases: vec![
+                    // One probe each: the old slot is either still running or it is not.
+                    phase(
+                        PhaseName::HealthCheck,
+                        per_host(&|h| Action::HealthCheck {
+                            address: h.address.clone(),
+                            port: bg.port(back),
+                            path: inv.health.path.clone(),
+                            expect_status: inv.health.expect_status,
+                            interval: inv.health.interval,
+                            timeout: inv.health.interval.max(std::time::Duration::from_secs(2)),
+                            successes: 1,
+                        }),
+                    ),
+                    phase(
+                        PhaseName::SwitchTraffic,
+                        pool_steps(inv, balancer, traffic_to(back)),
+                    ),
+                    phase(
+                        PhaseName::KeepOld,
+                        per_host(&|_| Action::Run {
+                            command: remote::mark_live(&inv.app, back.as_str()),
+                        }),
+                    ),
+                ],
+                rollback: vec![phase(
+                    PhaseName::SwitchTraffic,
+                    pool_steps(inv, balancer, traffic_to(live)),
+                )],
+                undo: Vec::new(),
+            }],
+            finish: phase(PhaseName::Prune, Vec::new()),
+        })
+    }
+
     /// The plan as an operator reads it: every command exactly as it will run.
     pub fn render_text(&self) -> String {
         let mut out = String::new();
@@ -593,7 +990,7 @@ impl Plan {
             "Plan: {} release {} ({} strategy), {} host(s) in {} batch(es), {} load balancer(s)\nArtifact: {artifact}\n",
             self.app,
             self.release,
-            self.strategy,
+            serde_json::to_value(self.strategy).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
             self.hosts.len(),
             self.batches.len(),
             self.balancers.len(),
@@ -634,9 +1031,11 @@ impl Plan {
             for (i, phase) in batch.rollback.iter().enumerate() {
                 render_steps(&mut out, &format!("R{}. {}", i + 1, phase.name), phase);
             }
-            out.push_str(
-                "  With --on-failure rollback-all, after a later batch fails, undo this batch:\n",
-            );
+            if !batch.undo.is_empty() {
+                out.push_str(
+                    "  With --on-failure rollback-all, after a later batch fails, undo this batch:\n",
+                );
+            }
             for (i, phase) in batch.undo.iter().enumerate() {
                 render_steps(&mut out, &format!("U{}. {}", i + 1, phase.name), phase);
             }
@@ -644,6 +1043,29 @@ impl Plan {
         render_phase(&mut out, "Finish", &self.finish);
         out
     }
+}
+
+/// Where `roller promote` and `roller abort` leave their word for a paused canary.
+pub fn decision_file(inv: &Inventory) -> String {
+    format!("{}/{}.decision", inv.balancer.state_dir, inv.app.name)
+}
+
+/// One step per load balancer that installs `pool`.
+pub fn pool_steps(inv: &Inventory, balancer: &dyn Balancer, pool: Pool) -> Vec<Step> {
+    let content = balancer.render(&pool);
+    inv.balancer
+        .hosts
+        .iter()
+        .map(|lb| Step {
+            target: lb.clone(),
+            role: Role::Balancer,
+            action: Action::SetPool {
+                pool: pool.clone(),
+                content: content.clone(),
+                command: balancer.apply_command(),
+            },
+        })
+        .collect()
 }
 
 fn render_phase(out: &mut String, title: &str, phase: &Phase) {
@@ -668,15 +1090,21 @@ fn render_steps(out: &mut String, label: &str, phase: &Phase) {
                 "  {label} {who}\n      $ {check}\n      unless present, the jar on stdin to:\n      $ {upload}\n"
             )),
             Action::SetPool {
-                down,
+                pool,
                 content,
                 command,
             } => {
-                let down = if down.is_empty() {
+                let mut down = if pool.down.is_empty() {
                     "every host in the pool".to_string()
                 } else {
-                    format!("down: {}", down.join(", "))
+                    format!("down: {}", pool.down.iter().cloned().collect::<Vec<_>>().join(", "))
                 };
+                if let Some(port) = pool.port {
+                    down.push_str(&format!(", traffic to port {port}"));
+                }
+                for (host, weight) in &pool.weights {
+                    down.push_str(&format!(", {host} at {weight}% of its share"));
+                }
                 out.push_str(&format!("  {label} {who} ({down}), upstream file:\n"));
                 for line in content.lines() {
                     out.push_str(&format!("      | {line}\n"));
@@ -699,6 +1127,23 @@ fn render_steps(out: &mut String, label: &str, phase: &Phase) {
                 "  {label} {who}: GET http://{address}:{port}{path} from the host, expect {expect_status} {successes} time(s) in a row, every {}, at most {}\n",
                 humantime::format_duration(*interval),
                 humantime::format_duration(*timeout)
+            )),
+            Action::Observe {
+                access_log,
+                hold,
+                canary,
+                weight,
+                judgement,
+            } => out.push_str(&format!(
+                "  {label} {who}: hold {} at {weight}% of the canary's share, then judge {} from {access_log}: abort above +{:.1} points of 5xx or {}x the others' mean upstream time, or below {} canary requests\n",
+                humantime::format_duration(*hold),
+                canary.join(", "),
+                judgement.max_error_rate_increase * 100.0,
+                judgement.max_latency_ratio,
+                judgement.min_requests,
+            )),
+            Action::AwaitDecision { file } => out.push_str(&format!(
+                "  {label} {who}: wait for `roller promote` or `roller abort` (they write {file})\n"
             )),
             Action::CapacityCheck {
                 staying,

@@ -24,7 +24,8 @@ pub fn preflight(app: &AppConfig) -> String {
     format!(
         "d={dir}; mkdir -p \"$d/releases\" && test -w \"$d/releases\" || {{ echo \"$d/releases is not writable\" >&2; exit 1; }}; \
          printf 'free_kb=%s\\n' \"$(df -Pk \"$d/releases\" | awk 'NR==2 {{print $4}}')\"; \
-         printf 'current=%s\\n' \"$(readlink \"$d/current\" 2>/dev/null)\"",
+         printf 'current=%s\\n' \"$(readlink \"$d/current\" 2>/dev/null)\"; \
+         printf 'blue=%s\\ngreen=%s\\n' \"$(readlink \"$d/current-blue\" 2>/dev/null)\" \"$(readlink \"$d/current-green\" 2>/dev/null)\"",
         dir = quote(&app.dir)
     )
 }
@@ -56,6 +57,48 @@ pub fn upload(app: &AppConfig, release: &str, sha256: &str) -> String {
         jar = quote(&app.jar_name),
         sha = quote(sha256),
         sha_plain = sha256,
+    )
+}
+
+/// Points a blue-green slot's link (`current-blue`, `current-green`) at the release, atomically.
+/// A slot has no `.roller/previous`: going back means sending traffic to the other slot.
+pub fn switch_link(app: &AppConfig, link: &str, release: &str) -> String {
+    let target = release_dir(release);
+    format!(
+        "cd {dir} || exit 1; test -f {jar} || {{ echo \"{jar_plain} is missing\" >&2; exit 1; }}; \
+         mkdir -p .roller || exit 1; ln -sfn {target} .roller/{link}.new && mv -T .roller/{link}.new {link}",
+        dir = quote(&app.dir),
+        jar = quote(&format!("{target}/{}", app.jar_name)),
+        jar_plain = format!("{}/{target}/{}", app.dir, app.jar_name).replace('"', ""),
+        target = quote(&target),
+        link = quote(link),
+    )
+}
+
+/// Records which blue-green slot gets traffic on the host itself, where a pending
+/// [`keep_old`] timer reads it.
+pub fn mark_live(app: &AppConfig, slot: &str) -> String {
+    format!(
+        "mkdir -p {dir}/.roller && printf '%s\\n' {slot} > {dir}/.roller/live-slot",
+        dir = quote(&app.dir),
+        slot = quote(slot),
+    )
+}
+
+/// Marks `live` as the live slot, then, detached from the SSH session, stops the old slot once
+/// `keep` has passed, unless a switch-back made it live again in the meantime.
+pub fn keep_old(app: &AppConfig, live: &str, stop_old: &str, keep: std::time::Duration) -> String {
+    let marker = format!("{}/.roller/live-slot", app.dir);
+    let timer = format!(
+        "sleep {secs}; if [ \"$(cat {marker} 2>/dev/null)\" = {live} ]; then {stop_old}; fi",
+        secs = keep.as_secs(),
+        marker = quote(&marker),
+        live = quote(live),
+    );
+    format!(
+        "{mark} && nohup sh -c {timer} >/dev/null 2>&1 </dev/null &",
+        mark = mark_live(app, live),
+        timer = quote(&timer),
     )
 }
 

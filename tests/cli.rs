@@ -168,3 +168,60 @@ fn json_errors_are_machine_readable() {
     assert_eq!(doc["event"], "error");
     assert_eq!(doc["error"]["kind"], "inventory");
 }
+
+#[test]
+fn the_single_instance_blue_green_example_plans_a_slot_switch() {
+    let inventory = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/inventory.blue-green-single.example.toml"
+    );
+    let out = roller(&[
+        "plan",
+        "-i",
+        inventory,
+        "--release",
+        "v2",
+        "--output",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["strategy"], "blue-green");
+    let batch = &plan["batches"][0];
+    let phases: Vec<&str> = batch["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "switch",
+            "start-slot",
+            "health-check",
+            "switch-traffic",
+            "keep-old"
+        ]
+    );
+    // Offline, blue is assumed live: green gets the release, then all traffic, in one file.
+    let start = &batch["phases"][1]["steps"][0]["action"]["command"];
+    assert_eq!(start, "sudo systemctl restart shop@green");
+    let upstream = batch["phases"][3]["steps"][0]["action"]["content"]
+        .as_str()
+        .unwrap();
+    assert!(
+        upstream.contains("server 10.0.1.11:8082;  # app"),
+        "{upstream}"
+    );
+    assert_eq!(batch["phases"][3]["steps"].as_array().unwrap().len(), 1);
+    let rollback: Vec<&str> = batch["rollback"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(rollback, ["switch-traffic", "stop-slot"]);
+    let text_plan = roller(&["plan", "-i", inventory, "--release", "v2"]);
+    insta::assert_snapshot!(text(&text_plan.stdout));
+}

@@ -151,6 +151,7 @@ fn options(on_failure: FailurePolicy, max_failed_hosts: usize) -> Options {
         max_failed_hosts,
         resume_hint: "roller resume -i roller.toml".into(),
         recover_hint: "roller recover -i roller.toml".into(),
+        rollout_id: "r1".into(),
     }
 }
 
@@ -250,9 +251,12 @@ async fn rollout_full(
         release: "v2".into(),
         artifact: Some(artifact()),
         batch,
-        observed: Some(&observed),
+        observed: Some(&observed.hosts),
         unfinished: &BTreeSet::new(),
         targets: None,
+        strategy: inventory.strategy,
+        live_slot: None,
+        pause: false,
     })
     .unwrap();
     let exec = Executor::new(ExecutorInput {

@@ -126,7 +126,7 @@ pub fn admin(command: &str, inventory: &Path, extra: &[&str]) -> Run {
         "--inventory".into(),
         inventory.to_str().unwrap().into(),
     ];
-    if command != "unlock" {
+    if !matches!(command, "unlock" | "promote" | "abort") {
         args.extend([
             "--journal-dir".into(),
             journal_dir(inventory).to_str().unwrap().into(),
