@@ -11,28 +11,39 @@ use tokio::time::Instant;
 use crate::transport::Transport;
 
 /// What to ask and what counts as healthy.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct HealthSpec {
     pub address: String,
     pub port: u16,
     pub path: String,
     pub expect_status: u16,
+    #[serde(with = "crate::inventory::human")]
     pub interval: Duration,
+    #[serde(with = "crate::inventory::human")]
     pub timeout: Duration,
     pub successes: u32,
 }
 
 impl HealthSpec {
-    /// A single look at a host's health, as pre-flight and the capacity guard take it.
-    pub fn probe(address: &str, inv: &crate::inventory::Inventory) -> HealthSpec {
+    /// The inventory's health check against `address:port`: what a restarted host must pass.
+    pub fn wait(address: &str, port: u16, inv: &crate::inventory::Inventory) -> HealthSpec {
         HealthSpec {
             address: address.to_string(),
-            port: inv.app.port,
+            port,
             path: inv.health.path.clone(),
             expect_status: inv.health.expect_status,
             interval: inv.health.interval,
+            timeout: inv.health.timeout,
+            successes: inv.health.successes,
+        }
+    }
+
+    /// A single look at a host's health, as pre-flight and the capacity guard take it.
+    pub fn probe(address: &str, inv: &crate::inventory::Inventory) -> HealthSpec {
+        HealthSpec {
             timeout: inv.health.interval,
             successes: 1,
+            ..HealthSpec::wait(address, inv.app.port, inv)
         }
     }
 }

@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::balancer::{Balancer, Pool};
 use crate::error::{Error, Result};
+use crate::health::HealthSpec;
 use crate::inventory::{Host, Inventory, Slot, Strategy, human, is_word};
 use crate::remote;
 
@@ -282,17 +283,7 @@ pub enum Action {
         timeout: Duration,
     },
     /// Polls `GET path` on the host, made from the host itself through the SSH connection.
-    HealthCheck {
-        address: String,
-        port: u16,
-        path: String,
-        expect_status: u16,
-        #[serde(with = "human")]
-        interval: Duration,
-        #[serde(with = "human")]
-        timeout: Duration,
-        successes: u32,
-    },
+    HealthCheck(HealthSpec),
     /// Reads the access log's size, holds, then judges the canary servers from the lines
     /// written meanwhile.
     Observe {
@@ -361,6 +352,31 @@ pub struct PlanInput<'a> {
 }
 
 impl Plan {
+    /// What every plan of this inventory shares; the builders fill in the rest.
+    fn base(inv: &Inventory, balancer: &dyn Balancer, release: String, strategy: Strategy) -> Plan {
+        let empty = |name| Phase {
+            name,
+            steps: Vec::new(),
+        };
+        Plan {
+            app: inv.app.name.clone(),
+            release,
+            strategy,
+            live_slot: None,
+            artifact: None,
+            hosts: inv.hosts.clone(),
+            balancers: inv.balancer.hosts.clone(),
+            upstream_file: inv.balancer.upstream_file.clone(),
+            reload: inv.balancer.reload.clone(),
+            preflight: Plan::preflight(inv, balancer),
+            skipped: Vec::new(),
+            targets: BTreeMap::new(),
+            stage: empty(PhaseName::Stage),
+            batches: Vec::new(),
+            finish: empty(PhaseName::Prune),
+        }
+    }
+
     /// The checks run before anything changes; the same phase heads every plan.
     pub fn preflight(inv: &Inventory, balancer: &dyn Balancer) -> Phase {
         let mut steps: Vec<Step> = inv
@@ -489,15 +505,7 @@ impl Plan {
                 })
                 .collect()
         };
-        let health = |h: &Host| Action::HealthCheck {
-            address: h.address.clone(),
-            port: app.port,
-            path: inv.health.path.clone(),
-            expect_status: inv.health.expect_status,
-            interval: inv.health.interval,
-            timeout: inv.health.timeout,
-            successes: inv.health.successes,
-        };
+        let health = |h: &Host| Action::HealthCheck(HealthSpec::wait(&h.address, app.port, inv));
         let restart = |_: &Host| Action::Run {
             command: app.restart.clone(),
         };
@@ -712,15 +720,6 @@ impl Plan {
             .map(|h| (h.name.clone(), target_of(h)))
             .collect();
         Ok(Plan {
-            app: app.name.clone(),
-            release,
-            strategy,
-            live_slot: None,
-            hosts: inv.hosts.clone(),
-            balancers: inv.balancer.hosts.clone(),
-            upstream_file: inv.balancer.upstream_file.clone(),
-            reload: inv.balancer.reload.clone(),
-            preflight: Plan::preflight(inv, balancer),
             skipped,
             targets,
             stage: phase(PhaseName::Stage, stage),
@@ -732,6 +731,7 @@ impl Plan {
                 }),
             ),
             artifact,
+            ..Plan::base(inv, balancer, release, strategy)
         })
     }
 
@@ -791,26 +791,6 @@ impl Plan {
             }),
             _ => Vec::new(),
         };
-        let health = |_: &Host, timeout| Action::HealthCheck {
-            address: String::new(),
-            port: bg.port(idle),
-            path: inv.health.path.clone(),
-            expect_status: inv.health.expect_status,
-            interval: inv.health.interval,
-            timeout,
-            successes: inv.health.successes,
-        };
-        let with_address = |mut steps: Vec<Step>| -> Vec<Step> {
-            for step in &mut steps {
-                if let Action::HealthCheck { address, .. } = &mut step.action {
-                    *address = inv
-                        .host(&step.target)
-                        .map(|h| h.address.clone())
-                        .unwrap_or_default();
-                }
-            }
-            steps
-        };
         let traffic_to = |slot: Slot| Pool {
             port: Some(bg.port(slot)),
             ..Pool::default()
@@ -837,7 +817,9 @@ impl Plan {
                     ),
                     phase(
                         PhaseName::HealthCheck,
-                        with_address(per_host(&|h| health(h, inv.health.timeout))),
+                        per_host(&|h| {
+                            Action::HealthCheck(HealthSpec::wait(&h.address, bg.port(idle), inv))
+                        }),
                     ),
                     phase(
                         PhaseName::SwitchTraffic,
@@ -880,21 +862,13 @@ impl Plan {
                 .collect()
         };
         Ok(Plan {
-            app: app.name.clone(),
-            release,
-            strategy: Strategy::BlueGreen,
             live_slot: Some(live),
             artifact,
-            hosts: inv.hosts.clone(),
-            balancers: inv.balancer.hosts.clone(),
-            upstream_file: inv.balancer.upstream_file.clone(),
-            reload: inv.balancer.reload.clone(),
-            preflight: Plan::preflight(inv, balancer),
             skipped,
             targets,
             stage: phase(PhaseName::Stage, stage),
             batches,
-            finish: phase(PhaseName::Prune, Vec::new()),
+            ..Plan::base(inv, balancer, release, Strategy::BlueGreen)
         })
     }
 
@@ -922,19 +896,7 @@ impl Plan {
             ..Pool::default()
         };
         Ok(Plan {
-            app: inv.app.name.clone(),
-            release: format!("{}-slot", back.as_str()),
-            strategy: Strategy::BlueGreen,
             live_slot: Some(live),
-            artifact: None,
-            hosts: inv.hosts.clone(),
-            balancers: inv.balancer.hosts.clone(),
-            upstream_file: inv.balancer.upstream_file.clone(),
-            reload: inv.balancer.reload.clone(),
-            preflight: Plan::preflight(inv, balancer),
-            skipped: Vec::new(),
-            targets: BTreeMap::new(),
-            stage: phase(PhaseName::Stage, Vec::new()),
             batches: vec![Batch {
                 number: 1,
                 hosts: inv.hosts.iter().map(|h| h.name.clone()).collect(),
@@ -943,14 +905,12 @@ impl Plan {
                     // One probe each: the old slot is either still running or it is not.
                     phase(
                         PhaseName::HealthCheck,
-                        per_host(&|h| Action::HealthCheck {
-                            address: h.address.clone(),
-                            port: bg.port(back),
-                            path: inv.health.path.clone(),
-                            expect_status: inv.health.expect_status,
-                            interval: inv.health.interval,
-                            timeout: inv.health.interval.max(std::time::Duration::from_secs(2)),
-                            successes: 1,
+                        per_host(&|h| {
+                            Action::HealthCheck(HealthSpec {
+                                timeout: inv.health.interval.max(Duration::from_secs(2)),
+                                successes: 1,
+                                ..HealthSpec::wait(&h.address, bg.port(back), inv)
+                            })
                         }),
                     ),
                     phase(
@@ -970,7 +930,12 @@ impl Plan {
                 )],
                 undo: Vec::new(),
             }],
-            finish: phase(PhaseName::Prune, Vec::new()),
+            ..Plan::base(
+                inv,
+                balancer,
+                format!("{}-slot", back.as_str()),
+                Strategy::BlueGreen,
+            )
         })
     }
 
@@ -1115,7 +1080,7 @@ fn render_steps(out: &mut String, label: &str, phase: &Phase) {
                 "  {label} {who}: until it prints 0, at most {}\n      $ {command}\n",
                 humantime::format_duration(*timeout)
             )),
-            Action::HealthCheck {
+            Action::HealthCheck(HealthSpec {
                 address,
                 port,
                 path,
@@ -1123,7 +1088,7 @@ fn render_steps(out: &mut String, label: &str, phase: &Phase) {
                 interval,
                 timeout,
                 successes,
-            } => out.push_str(&format!(
+            }) => out.push_str(&format!(
                 "  {label} {who}: GET http://{address}:{port}{path} from the host, expect {expect_status} {successes} time(s) in a row, every {}, at most {}\n",
                 humantime::format_duration(*interval),
                 humantime::format_duration(*timeout)

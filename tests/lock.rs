@@ -6,91 +6,28 @@
 //! look at the files directly. Every wait is bounded.
 
 use std::future::Future;
-use std::net::TcpListener as StdTcpListener;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+mod support;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use roller::lock::{self, Acquired, LeaseKeeper, LockError, LockInfo, LockSpec};
-use roller::transport::ssh::{SshConnector, SshSettings};
-use roller::transport::{Connector, Endpoint, ExecOutput, Transport, TransportError};
-use roller_fleet::sshd::{Sshd, SshdSpec, generate_client_key};
-use tempfile::TempDir;
+use roller::transport::{ExecOutput, Transport, TransportError};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, timeout};
+
+use support::Host;
 
 /// Upper bound for anything a test waits for; a hang fails the test instead of the CI job.
 const BOUND: Duration = Duration::from_secs(20);
 
-struct Host {
-    sshd: Sshd,
-    connector: SshConnector,
-    root: PathBuf,
-    _dir: TempDir,
-}
-
-/// sshd can only log in as the user running it unless that user is root.
-fn current_user() -> String {
-    let out = std::process::Command::new("id")
-        .arg("-un")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-/// A port that was free a moment ago; a fixed one could collide with an sshd left behind by a
-/// killed test run.
-fn free_port(address: &str) -> u16 {
-    StdTcpListener::bind((address, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
+/// A load-balancer host of its own: an sshd on `127.80.<n>.1` whose sessions start in a
+/// directory of their own.
 fn start_host(n: u8) -> Host {
-    let dir = tempfile::tempdir().unwrap();
-    let key = generate_client_key(&dir.path().join("client/id_ed25519")).unwrap();
-    let authorized_keys = dir.path().join("authorized_keys");
-    std::fs::write(&authorized_keys, format!("{}\n", key.public_key_line)).unwrap();
-    let root = dir.path().join("root");
-    std::fs::create_dir_all(&root).unwrap();
-    let address = format!("127.80.{n}.1");
-    let port = free_port(&address);
-    let sshd = Sshd::start(SshdSpec {
-        dir: dir.path().join("sshd"),
-        address,
-        port,
-        authorized_keys,
-        session_dir: Some(root.clone()),
-    })
-    .unwrap();
-    let known_hosts = dir.path().join("known_hosts");
-    std::fs::write(&known_hosts, format!("{}\n", sshd.known_hosts_line())).unwrap();
-    let mut settings = SshSettings::new(current_user(), Some(key.private_key), known_hosts);
-    settings.connect_timeout = Duration::from_secs(10);
-    Host {
-        connector: SshConnector::new(settings).unwrap(),
-        sshd,
-        root,
-        _dir: dir,
-    }
-}
-
-impl Host {
-    /// A separate connection, as a separate controller would have.
-    async fn connect(&self) -> Arc<dyn Transport> {
-        let endpoint = Endpoint {
-            name: "lb-1".into(),
-            address: self.sshd.address().to_string(),
-            port: self.sshd.port(),
-        };
-        bounded(self.connector.connect(&endpoint)).await.unwrap()
-    }
+    support::start_host(&format!("127.80.{n}.1"), true)
 }
 
 fn spec(state_dir: &str, lease: Duration) -> LockSpec {
@@ -526,7 +463,7 @@ async fn the_check_and_the_write_happen_under_the_hosts_mutex() {
     let host = start_host(10);
     let t = host.connect().await;
     let spec = spec("state", Duration::from_secs(60));
-    let state = host.root.join("state");
+    let state = host.session_dir.clone().unwrap().join("state");
     std::fs::create_dir_all(&state).unwrap();
     let mutex = std::fs::OpenOptions::new()
         .create(true)
@@ -579,7 +516,12 @@ async fn a_hostile_state_dir_stays_one_quoted_path() {
     let me = LockInfo::new_for("v2");
     let (held, _) = bounded(lock::acquire(&*t, &spec, &me, None)).await.unwrap();
 
-    let lock_file = host.root.join(state_dir).join("shop.lock");
+    let lock_file = host
+        .session_dir
+        .clone()
+        .unwrap()
+        .join(state_dir)
+        .join("shop.lock");
     let text = std::fs::read_to_string(&lock_file).unwrap();
     assert_eq!(
         text,
@@ -593,7 +535,7 @@ async fn a_hostile_state_dir_stays_one_quoted_path() {
     assert!(!lock_file.exists());
 
     let mut stray = Vec::new();
-    let mut dirs = vec![host.root.clone()];
+    let mut dirs = vec![host.session_dir.clone().unwrap().clone()];
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
@@ -618,7 +560,7 @@ async fn an_unusable_state_dir_is_a_clear_error_and_an_absolute_one_works() {
     let host = start_host(9);
     let t = host.connect().await;
     // Root may write anywhere, so "not writable" is made with a file where a directory belongs.
-    std::fs::write(host.root.join("not-a-dir"), "").unwrap();
+    std::fs::write(host.session_dir.clone().unwrap().join("not-a-dir"), "").unwrap();
     let bad = spec("not-a-dir/state", Duration::from_secs(60));
     let me = LockInfo::new_for("v2");
     match bounded(lock::acquire(&*t, &bad, &me, None)).await {
@@ -631,10 +573,36 @@ async fn an_unusable_state_dir_is_a_clear_error_and_an_absolute_one_works() {
     assert_eq!(bounded(lock::read(&*t, &bad)).await.unwrap(), None);
     bounded(lock::release(&*t, &bad, &me.token)).await.unwrap();
 
-    let absolute = host.root.join("abs/state").to_str().unwrap().to_string();
+    let absolute = host
+        .session_dir
+        .clone()
+        .unwrap()
+        .join("abs/state")
+        .to_str()
+        .unwrap()
+        .to_string();
     let good = spec(&absolute, Duration::from_secs(60));
     bounded(lock::acquire(&*t, &good, &me, None)).await.unwrap();
-    assert!(host.root.join("abs/state/shop.lock").is_file());
-    assert!(host.root.join("abs/state/shop.lock.mutex").is_file());
-    assert!(!host.root.join("abs/state/shop.lock.new").exists());
+    assert!(
+        host.session_dir
+            .clone()
+            .unwrap()
+            .join("abs/state/shop.lock")
+            .is_file()
+    );
+    assert!(
+        host.session_dir
+            .clone()
+            .unwrap()
+            .join("abs/state/shop.lock.mutex")
+            .is_file()
+    );
+    assert!(
+        !host
+            .session_dir
+            .clone()
+            .unwrap()
+            .join("abs/state/shop.lock.new")
+            .exists()
+    );
 }
