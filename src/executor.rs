@@ -475,7 +475,7 @@ impl<'a> Executor<'a> {
                 return Ok(self.finish_interrupted(reason, None).await);
             }
             match self.run_batch(batch).await {
-                Ok(()) => self.save(Status::Running).await,
+                Ok(()) => {}
                 Err(BatchStop::Interrupted { reason, phase }) => {
                     return Ok(self.finish_interrupted(reason, Some((batch, phase))).await);
                 }
@@ -629,7 +629,11 @@ impl<'a> Executor<'a> {
                 }
             }
             self.advance(batch, phase.name, &failed);
-            self.save(Status::Running).await;
+            // Resume treats every step between leaving the pool and returning to it alike
+            // (unfinished), so the summary only needs writing when the pool changes.
+            if is_pool_phase(phase.name) {
+                self.save(Status::Running).await;
+            }
         }
         let updated: Vec<String> = batch
             .hosts
@@ -984,28 +988,11 @@ impl<'a> Executor<'a> {
                     self.pause(DRAIN_POLL).await?;
                 }
             }
-            Action::HealthCheck {
-                address,
-                port,
-                path,
-                expect_status,
-                interval,
-                timeout,
-                successes,
-            } => {
-                let spec = HealthSpec {
-                    address: address.clone(),
-                    port: *port,
-                    path: path.clone(),
-                    expect_status: *expect_status,
-                    interval: *interval,
-                    timeout: *timeout,
-                    successes: *successes,
-                };
+            Action::HealthCheck(spec) => {
                 // Waiting for health changes nothing, so an interrupt may cut it short.
                 tokio::select! {
                     biased;
-                    result = self.health.wait_healthy(session.as_ref(), &spec) => {
+                    result = self.health.wait_healthy(session.as_ref(), spec) => {
                         result.map(|()| StepDone::Done).map_err(StepError::from)
                     }
                     reason = self.interruption() => Err(StepError::interrupted(reason)),
