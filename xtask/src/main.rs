@@ -18,6 +18,7 @@ use roller_fleet::{
 /// once; test fleets never use 127.77.x.x.
 const FLEET_NET: [u8; 2] = [77, 0];
 const DEMO_NET: [u8; 2] = [77, 1];
+const BENCH_NET: [u8; 2] = [77, 2];
 const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 const CI_STEP_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
@@ -51,6 +52,16 @@ enum Task {
     },
     /// What CI runs: fmt check, clippy with warnings denied, all tests.
     Ci,
+    /// roller's own time per batch on a local fleet: a batch's wall time minus its restart and
+    /// health check, which belong to the app. Target: under the ~0.4 s a ControlMaster script
+    /// spends doing the same steps.
+    Bench {
+        #[arg(long, default_value_t = 3)]
+        hosts: usize,
+        /// Defaults to target/fleet-bench.
+        #[arg(long)]
+        root: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -93,6 +104,7 @@ fn main() -> ExitCode {
             clients,
         } => demo(hosts, keep, root, clients),
         Task::Ci => ci(),
+        Task::Bench { hosts, root } => bench(hosts, root),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -380,6 +392,97 @@ fn demo(hosts: usize, keep: bool, root: Option<PathBuf>, clients: usize) -> anyh
     }
     println!("\ndemo {}", if ok { "passed" } else { "FAILED" });
     Ok(ok)
+}
+
+fn bench(hosts: usize, root: Option<PathBuf>) -> anyhow::Result<bool> {
+    let root = root.unwrap_or_else(|| roller_fleet::target_dir().join("fleet-bench"));
+    println!("building roller (release)...");
+    let built = proc::wait_child(
+        &mut Command::new(cargo())
+            .args(["build", "--quiet", "--release", "--bin", "roller"])
+            .current_dir(workspace_root())
+            .spawn()
+            .context("running cargo build")?,
+        CI_STEP_TIMEOUT,
+    )?;
+    if !built.success() {
+        bail!("cargo build --release --bin roller failed ({built})");
+    }
+    let roller = workspace_root().join("target/release/roller");
+    let mut fleet = Fleet::up(FleetSpec::new(&root, hosts, BENCH_NET))?;
+    let v2 = fleet.jar(&JarSpec::healthy("v2"))?;
+    let out = Command::new(&roller)
+        .arg("rollout")
+        .arg("--inventory")
+        .arg(fleet.inventory_path())
+        .arg("--artifact")
+        .arg(&v2)
+        .args(["--release", "v2", "--batch", "1", "--output", "json"])
+        .arg("--journal-dir")
+        .arg(roller_fleet::target_dir().join("fleet-bench-journal"))
+        .output()
+        .context("running roller")?;
+    fleet.down();
+    if !out.status.success() {
+        bail!(
+            "the rollout failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|e: &serde_json::Value| e["event"] == "step")
+        .map(|e| e["step"].clone())
+        .collect();
+    let mut overheads = Vec::new();
+    println!("\nbatch  wall ms  restart ms  health ms  roller ms");
+    for batch in 1..=hosts as u64 {
+        let of_batch: Vec<&serde_json::Value> =
+            events.iter().filter(|e| e["batch"] == batch).collect();
+        let first = of_batch
+            .iter()
+            .filter(|e| e["state"] == "started")
+            .filter_map(|e| e["at_ms"].as_u64())
+            .min();
+        let last = of_batch.iter().filter_map(|e| e["at_ms"].as_u64()).max();
+        let longest = |phase: &str| {
+            of_batch
+                .iter()
+                .filter(|e| e["phase"] == phase)
+                .filter_map(|e| e["elapsed_ms"].as_u64())
+                .max()
+                .unwrap_or(0)
+        };
+        let (Some(first), Some(last)) = (first, last) else {
+            continue;
+        };
+        let (restart, health) = (longest("restart"), longest("health-check"));
+        let overhead = (last - first).saturating_sub(restart + health);
+        overheads.push(overhead);
+        println!(
+            "{batch:>5}  {:>7}  {restart:>10}  {health:>9}  {overhead:>9}",
+            last - first
+        );
+    }
+    if overheads.is_empty() {
+        bail!("no batch events in roller's output");
+    }
+    let mean = overheads.iter().sum::<u64>() / overheads.len() as u64;
+    // The switch step is one rename: its time is what any remote command costs on these
+    // hosts, the deploy user's login shell starting included.
+    let command_ms = events
+        .iter()
+        .filter(|e| e["phase"] == "switch")
+        .filter_map(|e| e["elapsed_ms"].as_u64())
+        .min()
+        .unwrap_or(0);
+    println!("\nroller's own time per batch: {mean} ms on average (target: < 400 ms)");
+    println!(
+        "one remote command costs {command_ms} ms on these hosts (a rename, login shell included); a batch runs 6 besides the restart"
+    );
+    Ok(mean < 400)
 }
 
 fn ci() -> anyhow::Result<bool> {
