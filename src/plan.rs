@@ -495,15 +495,8 @@ impl Plan {
         };
         let set_pool =
             |down: &[String]| -> Vec<Step> { pool_steps(inv, balancer, Pool::with_down(down)) };
-        let per_host = |hosts: &[&Host], action: &dyn Fn(&Host) -> Action| -> Vec<Step> {
-            hosts
-                .iter()
-                .map(|h| Step {
-                    target: h.name.clone(),
-                    role: Role::App,
-                    action: action(h),
-                })
-                .collect()
+        let per_host = |hosts: &[&Host], action: &dyn Fn(&Host) -> Action| {
+            app_steps(hosts.iter().copied(), action)
         };
         let health = |h: &Host| Action::HealthCheck(HealthSpec::wait(&h.address, app.port, inv));
         let restart = |_: &Host| Action::Run {
@@ -758,15 +751,7 @@ impl Plan {
         let idle = live.other();
         let link = format!("current-{}", idle.as_str());
         let all: Vec<&Host> = inv.hosts.iter().collect();
-        let per_host = |action: &dyn Fn(&Host) -> Action| -> Vec<Step> {
-            all.iter()
-                .map(|h| Step {
-                    target: h.name.clone(),
-                    role: Role::App,
-                    action: action(h),
-                })
-                .collect()
-        };
+        let per_host = |action: &dyn Fn(&Host) -> Action| app_steps(all.iter().copied(), action);
         let phase = |name, steps| Phase { name, steps };
         let done_everywhere = observed.is_some_and(|o| {
             all.iter().all(|h| {
@@ -881,16 +866,7 @@ impl Plan {
         })?;
         let back = live.other();
         let phase = |name, steps| Phase { name, steps };
-        let per_host = |action: &dyn Fn(&Host) -> Action| -> Vec<Step> {
-            inv.hosts
-                .iter()
-                .map(|h| Step {
-                    target: h.name.clone(),
-                    role: Role::App,
-                    action: action(h),
-                })
-                .collect()
-        };
+        let per_host = |action: &dyn Fn(&Host) -> Action| app_steps(inv.hosts.iter(), action);
         let traffic_to = |slot: Slot| Pool {
             port: Some(bg.port(slot)),
             ..Pool::default()
@@ -1008,6 +984,20 @@ impl Plan {
         render_phase(&mut out, "Finish", &self.finish);
         out
     }
+}
+
+/// One step per app host, each with its own action.
+fn app_steps<'h>(
+    hosts: impl Iterator<Item = &'h Host>,
+    action: &dyn Fn(&Host) -> Action,
+) -> Vec<Step> {
+    hosts
+        .map(|h| Step {
+            target: h.name.clone(),
+            role: Role::App,
+            action: action(h),
+        })
+        .collect()
 }
 
 /// Where `roller promote` and `roller abort` leave their word for a paused canary.
