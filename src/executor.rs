@@ -590,13 +590,27 @@ impl<'a> Executor<'a> {
             } else {
                 phase.clone()
             };
-            if is_pool_phase(phase.name) {
+            let pool_phase = is_pool_phase(phase.name);
+            let result = if pool_phase {
                 // Set before the change: a failure midway leaves the pool unknown, and
                 // rollback must then restore it.
                 self.pool_changed
                     .store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-            match self.run_phase(Some(batch.number), &phase, &failed).await {
+                // Resume treats every step between leaving the pool and returning to it alike
+                // (unfinished), so the summary is only written when the pool changes, and it is
+                // written ahead, recording where this change leads, alongside the change
+                // itself: resume checks each host's real state anyway, so either order is
+                // safe, and the write costs no time of its own.
+                self.advance(batch, phase.name, &failed);
+                let (result, ()) = tokio::join!(
+                    self.run_phase(Some(batch.number), &phase, &failed),
+                    self.save(Status::Running)
+                );
+                result
+            } else {
+                self.run_phase(Some(batch.number), &phase, &failed).await
+            };
+            match result {
                 Ok(()) => {}
                 Err(failures) => {
                     if let Some(f) = failures.iter().find(|f| f.interrupted) {
@@ -628,11 +642,8 @@ impl<'a> Executor<'a> {
                     }
                 }
             }
-            self.advance(batch, phase.name, &failed);
-            // Resume treats every step between leaving the pool and returning to it alike
-            // (unfinished), so the summary only needs writing when the pool changes.
-            if is_pool_phase(phase.name) {
-                self.save(Status::Running).await;
+            if !pool_phase {
+                self.advance(batch, phase.name, &failed);
             }
         }
         let updated: Vec<String> = batch
