@@ -538,6 +538,12 @@ impl Fleet {
                 proc::terminate(pid, Duration::from_secs(5));
             }
         }
+        // Last, whatever SSH sessions left running on the hosts: roller schedules detached
+        // work there (blue-green stops old slots after keep_old), and a test stops all it
+        // caused to start.
+        for pid in proc::running_in(&self.state.spec.root) {
+            proc::terminate(pid, Duration::from_secs(5));
+        }
         release_net(self.state.spec.net);
     }
 

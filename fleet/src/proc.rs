@@ -59,6 +59,22 @@ pub fn cmdline(pid: u32) -> Option<String> {
     Some(parts.join(" "))
 }
 
+/// Live processes whose working directory is under `dir`: whatever sessions on a fleet host
+/// left running (a detached timer a rollout scheduled there, say).
+pub fn running_in(dir: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != std::process::id() && alive(pid))
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir))
+        })
+        .collect()
+}
+
 /// Whether a live `pid` still is the process we recorded, not a stranger that reused the PID:
 /// its working directory is under `marker` or its command line mentions `marker`.
 pub fn belongs_to(pid: u32, marker: &Path) -> bool {
