@@ -51,36 +51,9 @@ impl Run {
     }
 }
 
+/// Runs roller to the end and returns everything it printed.
 pub fn roller<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Run {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_roller"))
-        .args(args)
-        .args(["--output", "json"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start roller");
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
-    let err = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
-    let status = roller_fleet::proc::wait_child(&mut child, ROLLOUT_DEADLINE);
-    if status.is_err() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    let stdout = out.join().unwrap();
-    let stderr = err.join().unwrap();
-    let status = status.unwrap_or_else(|e| panic!("roller did not finish: {e}\n{stderr}"));
-    let lines = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
-    Run {
-        code: status.code(),
-        lines,
-        stderr,
-    }
+    Running::start(args).finish()
 }
 
 pub fn rollout(inventory: &Path, jar: &Path, release: &str, batch: &str) -> Run {
