@@ -217,6 +217,8 @@ mod tests {
             drain_timeout: std::time::Duration::from_secs(30),
             state_dir: "/etc/nginx/conf.d/.roller".into(),
             min_healthy: crate::inventory::MinHealthy::Hosts(1),
+            lock_host: "10.0.0.5".into(),
+            lock_lease: std::time::Duration::from_secs(60),
         };
         let hosts = vec![
             Host {

@@ -178,6 +178,12 @@ pub struct BalancerConfig {
     pub state_dir: String,
     /// The fewest healthy hosts that must stay in the pool while a batch is out.
     pub min_healthy: MinHealthy,
+    /// Where the deploy lock, the rollout state and canary decisions live: `balancer.lock_host`,
+    /// else the first of `hosts` in sorted order, so that every inventory naming the same load
+    /// balancers, in whatever order, finds the same lock.
+    pub lock_host: String,
+    /// How long the deploy lock lives without renewal.
+    pub lock_lease: Duration,
 }
 
 /// `min_healthy`: a host count, or a share of the fleet.
@@ -350,6 +356,8 @@ impl Inventory {
                 "drain_timeout",
                 "state_dir",
                 "min_healthy",
+                "lock_host",
+                "lock_lease",
             ],
         );
         let default_upstream = if app.name.is_empty() {
@@ -372,12 +380,32 @@ impl Inventory {
             drain_timeout: r.duration(lb_t, "balancer", "drain_timeout", Some("30s")),
             state_dir: String::new(),
             min_healthy: r.min_healthy(lb_t),
+            lock_host: String::new(),
+            lock_lease: r.duration(lb_t, "balancer", "lock_lease", Some("60s")),
+        };
+        if balancer.lock_lease < Duration::from_secs(3) {
+            r.problem(
+                "balancer.lock_lease",
+                "must be at least 3s: it is renewed every third of it",
+            );
+        }
+        let lock_host = match r.optional_string(lb_t, "balancer", "lock_host") {
+            Some(host) if balancer.hosts.contains(&host) => host,
+            Some(host) => {
+                r.problem(
+                    "balancer.lock_host",
+                    format!("{host:?} is not one of balancer.hosts"),
+                );
+                host
+            }
+            None => balancer.hosts.iter().min().cloned().unwrap_or_default(),
         };
         let balancer = BalancerConfig {
             state_dir: match r.optional_string(lb_t, "balancer", "state_dir") {
                 Some(dir) => dir,
                 None => default_state_dir(&balancer.upstream_file),
             },
+            lock_host,
             ..balancer
         };
 

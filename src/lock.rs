@@ -204,11 +204,15 @@ fn timestamp(unix: u64) -> String {
 /// the command (it is released when the shell exits and closes fd 9).
 fn locked_prologue(spec: &LockSpec, create: bool) -> String {
     let missing = if create {
-        "mkdir -p -- \"$d\" 2>/dev/null; "
+        "mkdir -p -- \"$d\" 2>/dev/null; ".to_string()
     } else {
         // Nothing to renew, release or remove, and no reason to create a directory for that.
-        "if [ ! -d \"$d\" ]; then echo result=absent; exit 0; fi; "
+        "if [ ! -d \"$d\" ]; then echo result=absent; exit 0; fi; ".to_string()
     };
+    mutex_prologue(spec, &missing, SCRIPT_FAILURE)
+}
+
+fn mutex_prologue(spec: &LockSpec, missing: &str, fail: u32) -> String {
     format!(
         "{files}{missing}\
          if [ ! -d \"$d\" ] || [ ! -w \"$d\" ]; then printf 'lock state directory %s cannot be created or is not writable\\n' \"$d\" >&2; exit {fail}; fi; \
@@ -217,7 +221,6 @@ fn locked_prologue(spec: &LockSpec, create: bool) -> String {
          flock -w {wait} 9 || {{ printf 'timed out after {wait}s waiting for %s\\n' \"$f.mutex\" >&2; exit {fail}; }}; \
          now=$(date +%s); ",
         files = spec.files(),
-        fail = SCRIPT_FAILURE,
         wait = MUTEX_WAIT_SECS,
     )
 }
@@ -230,13 +233,25 @@ const WRITE_FAILED: &str = "{ printf 'cannot write %s\\n' \"$f\" >&2; exit 3; }"
 
 /// Takes the lock for `me`, prints `result=fresh|resumed|took_over|held`, `now=`, and for
 /// every result but `held` the new `started=` and `lease_until=`; the previous lock, if any, as
-/// `old.` lines.
+/// `old.` lines. `resumed` only answers a repeated request of the same process (its token is
+/// its own): a resumed rollout takes the lock with a token of its own, like any other.
 pub fn acquire_command(spec: &LockSpec, me: &LockInfo) -> String {
+    acquire_command_over(spec, me, None)
+}
+
+/// Like [`acquire_command`], and also takes over a live lease if its token is `gone`: a holder
+/// the caller proved dead (same machine, no such process).
+pub fn take_over_command(spec: &LockSpec, me: &LockInfo, gone: &str) -> String {
+    acquire_command_over(spec, me, Some(gone))
+}
+
+fn acquire_command_over(spec: &LockSpec, me: &LockInfo, gone: Option<&str>) -> String {
     format!(
-        "{prologue}tok={token}; started=$now; result=fresh; \
+        "{prologue}tok={token}; gone={gone}; started=$now; result=fresh; \
          if [ -f \"$f\" ]; then {SHOW_OLD}{READ_TOKEN}\
          if [ \"$cur\" = \"$tok\" ]; then result=resumed; s=$(sed -n 's/^started=//p' \"$f\"); \
          case $s in ''|*[!0-9]*) ;; *) started=$s;; esac; \
+         elif [ -n \"$gone\" ] && [ \"$cur\" = \"$gone\" ]; then result=took_over; \
          else exp=$(sed -n 's/^lease_until=//p' \"$f\"); \
          case $exp in ''|*[!0-9]*) printf 'lock file %s has no valid lease_until; inspect it and run roller unlock\\n' \"$f\" >&2; exit {fail};; esac; \
          if [ \"$exp\" -ge \"$now\" ]; then echo result=held; echo now=$now; exit 0; fi; \
@@ -247,6 +262,7 @@ pub fn acquire_command(spec: &LockSpec, me: &LockInfo) -> String {
          echo result=$result; echo now=$now; echo started=$started; echo lease_until=$exp",
         prologue = locked_prologue(spec, true),
         token = quote(&one_line(&me.token)),
+        gone = quote(&one_line(gone.unwrap_or(""))),
         owner = quote(&one_line(&me.owner)),
         pid = me.pid,
         release = quote(&one_line(&me.release)),
@@ -389,7 +405,7 @@ pub async fn acquire(
 ) -> Result<(LockInfo, Acquired), LockError> {
     let began = Instant::now();
     loop {
-        match acquire_once(t, spec, me).await {
+        match acquire_once(t, spec, me, None).await {
             Err(held @ LockError::Held { .. }) => {
                 let Some(wait) = wait else {
                     return Err(held);
@@ -406,13 +422,39 @@ pub async fn acquire(
     }
 }
 
+/// Takes the lock from a holder whose lease still runs but whose process is provably gone
+/// ([`holder_is_gone`]); fails with [`LockError::Held`] if the lock changed hands meanwhile.
+pub async fn take_over_gone(
+    t: &dyn Transport,
+    spec: &LockSpec,
+    me: &LockInfo,
+    gone: &LockInfo,
+) -> Result<(LockInfo, Acquired), LockError> {
+    acquire_once(t, spec, me, Some(&gone.token)).await
+}
+
+/// Whether the holder of a lock is provably dead: it ran on this machine (same host name) and
+/// no process has its pid any more. Anything else (another machine, a live pid, perhaps reused)
+/// counts as alive: wrongly waiting is safe, wrongly taking over is not.
+pub fn holder_is_gone(holder: &LockInfo) -> bool {
+    let host = |owner: &str| owner.rsplit_once('@').map(|(_, h)| h.to_string());
+    let (Some(theirs), Some(ours)) = (host(&holder.owner), host(&local_owner())) else {
+        return false;
+    };
+    theirs == ours
+        && holder.pid != 0
+        && holder.pid != std::process::id()
+        && !std::path::Path::new(&format!("/proc/{}", holder.pid)).exists()
+}
+
 async fn acquire_once(
     t: &dyn Transport,
     spec: &LockSpec,
     me: &LockInfo,
+    gone: Option<&str>,
 ) -> Result<(LockInfo, Acquired), LockError> {
     const WHAT: &str = "taking the deploy lock";
-    let reply = run(t, &acquire_command(spec, me), WHAT).await?;
+    let reply = run(t, &acquire_command_over(spec, me, gone), WHAT).await?;
     let how = match reply.result() {
         "held" => {
             return Err(LockError::Held {
@@ -513,9 +555,16 @@ pub struct LeaseKeeper {
 
 impl LeaseKeeper {
     pub fn start(t: Arc<dyn Transport>, spec: LockSpec, token: String) -> LeaseKeeper {
+        let fence = Arc::new(Fence::new(spec, token, Instant::now()));
+        LeaseKeeper::start_fenced(t, fence)
+    }
+
+    /// Renews the lease that `fence` describes, and moves the fence forward with every renewal
+    /// the load balancer confirms.
+    pub fn start_fenced(t: Arc<dyn Transport>, fence: Arc<Fence>) -> LeaseKeeper {
         let (lost_tx, lost) = watch::channel(None);
         let (stop, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(keep(t, spec, token, lost_tx, stop_rx));
+        let task = tokio::spawn(keep(t, fence, lost_tx, stop_rx));
         LeaseKeeper {
             lost,
             stop: Some(stop),
@@ -550,17 +599,17 @@ impl Drop for LeaseKeeper {
 
 async fn keep(
     t: Arc<dyn Transport>,
-    spec: LockSpec,
-    token: String,
+    fence: Arc<Fence>,
     lost: watch::Sender<Option<String>>,
     mut stop: oneshot::Receiver<()>,
 ) {
+    let (spec, token) = (&fence.spec, &fence.token);
     let lease = Duration::from_secs(spec.lease_secs());
     let period = lease / 3;
     // The load balancer computes `lease_until` from its clock when the command runs, which is
     // after we sent it, and the lease holds through that whole second: `sent + lease` is when
     // it ends at the earliest, measured on our monotonic clock.
-    let mut expires = Instant::now() + lease;
+    let mut expires = fence.valid_until();
     let mut next = Instant::now();
     loop {
         tokio::select! {
@@ -576,11 +625,13 @@ async fn keep(
         }
         let outcome = tokio::select! {
             _ = &mut stop => return,
-            outcome = renew_within(&*t, &spec, &token, expires - sent) => outcome,
+            outcome = renew_within(&*t, spec, token, expires - sent) => outcome,
         };
         match outcome {
-            Ok(_) if Instant::now() < expires => {
+            Ok(until) if Instant::now() < expires => {
+                tracing::debug!(lease_until = until, took = ?sent.elapsed(), "deploy lock renewed");
                 expires = sent + lease;
+                fence.confirmed(sent);
                 next = sent + period;
             }
             Ok(_) => {
@@ -610,11 +661,158 @@ async fn keep(
     }
 }
 
+/// What keeps a controller that lost its lease from changing anything: a process paused past
+/// its lease (SIGSTOP, a VM pause) wakes up believing it still holds the lock, while another
+/// controller may already have taken over.
+///
+/// Two checks, both made for every command sent through a [`Fenced`] session:
+/// - on the controller, the lease must be provably ours for a while yet: the last renewal the
+///   load balancer confirmed was *sent* less than `lease - margin` ago on our monotonic clock;
+/// - on the lock host, the command first takes the lock's mutex and checks that the lock file
+///   still names our token with an unexpired lease, and keeps the mutex until it ends, so no
+///   take-over can slip in between the check and the change.
+pub struct Fence {
+    spec: LockSpec,
+    token: String,
+    /// Our monotonic clock: the lease is provably ours until then.
+    valid_until: std::sync::Mutex<Instant>,
+}
+
+/// Exit status of a command the lock host refused because we no longer hold the lock.
+pub const FENCED_OUT: u32 = 75;
+
+impl Fence {
+    /// `sent`: when the command that took (or last renewed) the lock was sent.
+    pub fn new(spec: LockSpec, token: String, sent: Instant) -> Fence {
+        let lease = Duration::from_secs(spec.lease_secs());
+        Fence {
+            spec,
+            token,
+            valid_until: std::sync::Mutex::new(sent + lease),
+        }
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    fn valid_until(&self) -> Instant {
+        *self.valid_until.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn confirmed(&self, sent: Instant) {
+        let lease = Duration::from_secs(self.spec.lease_secs());
+        let mut until = self.valid_until.lock().unwrap_or_else(|e| e.into_inner());
+        *until = (*until).max(sent + lease);
+    }
+
+    /// A command sent now must still find the lease ours when it lands and runs; a third of the
+    /// lease leaves room for one failed renewal before commands stop.
+    fn margin(&self) -> Duration {
+        Duration::from_secs(self.spec.lease_secs()) / 3
+    }
+
+    /// `Err` with the reason once the lease is no longer provably ours.
+    pub fn check(&self) -> Result<(), String> {
+        if Instant::now() + self.margin() < self.valid_until() {
+            Ok(())
+        } else {
+            Err(
+                "fenced out: the deploy lock's lease is no longer provably held (no renewal confirmed in time); \
+                 another controller may have taken over, so this one changes nothing more"
+                    .to_string(),
+            )
+        }
+    }
+
+    /// Wraps a command for the lock host: it runs only while the lock's mutex is held and the
+    /// lock file still names our token with a live lease; otherwise it exits [`FENCED_OUT`]. The
+    /// command itself does not inherit the mutex's descriptor, so nothing it leaves running can
+    /// hold the lock.
+    pub fn guard(&self, command: &str) -> String {
+        format!(
+            "{prologue}tok={token}; cur=; exp=0; \
+             if [ -f \"$f\" ]; then {READ_TOKEN}exp=$(sed -n 's/^lease_until=//p' \"$f\"); fi; \
+             case $exp in ''|*[!0-9]*) exp=0;; esac; \
+             if [ \"$cur\" != \"$tok\" ] || [ \"$exp\" -lt \"$now\" ]; then \
+             echo 'fenced out: this controller no longer holds the deploy lock; another one may have taken over' >&2; exit {fenced}; fi; \
+             {{ {command}\n}} 9>&-",
+            prologue = mutex_prologue(
+                &self.spec,
+                &format!(
+                    "if [ ! -d \"$d\" ]; then echo 'fenced out: the lock state directory is gone' >&2; exit {FENCED_OUT}; fi; "
+                ),
+                FENCED_OUT,
+            ),
+            token = quote(&one_line(&self.token)),
+            fenced = FENCED_OUT,
+        )
+    }
+}
+
+/// A session whose every command is fenced ([`Fence`]); on the lock host, the load balancer
+/// checks the lock too.
+pub struct Fenced {
+    inner: Arc<dyn Transport>,
+    fence: Arc<Fence>,
+    lock_host: bool,
+}
+
+impl Fenced {
+    pub fn new(inner: Arc<dyn Transport>, fence: Arc<Fence>, lock_host: bool) -> Fenced {
+        Fenced {
+            inner,
+            fence,
+            lock_host,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Transport for Fenced {
+    async fn exec(
+        &self,
+        command: &str,
+        stdin: Option<bytes::Bytes>,
+        deadline: Duration,
+    ) -> Result<ExecOutput, TransportError> {
+        self.fence.check().map_err(TransportError::Fenced)?;
+        if self.lock_host {
+            self.inner
+                .exec(&self.fence.guard(command), stdin, deadline)
+                .await
+        } else {
+            self.inner.exec(command, stdin, deadline).await
+        }
+    }
+
+    async fn http_get(
+        &self,
+        address: &str,
+        port: u16,
+        path: &str,
+        deadline: Duration,
+    ) -> Result<u16, TransportError> {
+        // Reads nothing but a status code and changes nothing: no fence needed.
+        self.inner.http_get(address, port, path, deadline).await
+    }
+
+    async fn close(&self) {
+        self.inner.close().await;
+    }
+}
+
 /// A value for one `key=value` line: control characters would split or hide lines.
 fn one_line(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { '?' } else { c })
         .collect()
+}
+
+/// A new identifier (32 hex digits) for a rollout: separate from the lock token, which belongs to
+/// one controller process.
+pub fn new_id() -> String {
+    new_token()
 }
 
 /// 128 bits from the OS random source, hashed together with the time, pid and a per-process

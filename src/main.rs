@@ -38,10 +38,6 @@ mod exit {
     pub const INTERRUPTED: u8 = 130;
 }
 
-/// How long a deploy lock lives without renewal: long enough to ride out a network blip, short
-/// enough that a dead controller's lock frees itself before anyone needs `roller unlock`.
-const LOCK_LEASE: Duration = Duration::from_secs(60);
-
 #[derive(Parser)]
 #[command(
     name = "roller",
@@ -394,7 +390,7 @@ async fn resume_command(args: &ResumeArgs, recover: bool) -> Result<u8, Error> {
             Error::Unfinished(format!(
                 "no rollout of {} is recorded on {}: nothing to {}",
                 inventory.app.name,
-                inventory.balancer.hosts[0],
+                inventory.balancer.lock_host,
                 if recover { "recover" } else { "resume" }
             ))
         })?,
@@ -502,7 +498,7 @@ async fn switch_back_command(args: &SwitchBackArgs) -> Result<u8, Error> {
 /// that a stale word never applies to the next one.
 async fn decide(args: &UnlockArgs, decision: &str) -> Result<u8, Error> {
     let (inventory, _) = load_inventory(&args.common)?;
-    let lb = connect_first_balancer(&inventory).await?;
+    let lb = connect_lock_host(&inventory).await?;
     let result = async {
         let state = read_state(lb.as_ref(), &inventory)
             .await?
@@ -550,7 +546,7 @@ async fn decide(args: &UnlockArgs, decision: &str) -> Result<u8, Error> {
 
 async fn unlock_command(args: &UnlockArgs) -> Result<u8, Error> {
     let (inventory, _) = load_inventory(&args.common)?;
-    let lb = connect_first_balancer(&inventory).await?;
+    let lb = connect_lock_host(&inventory).await?;
     let removed = lock::unlock(lb.as_ref(), &lock_spec(&inventory))
         .await
         .map_err(|e| Error::State(e.to_string()));
@@ -602,7 +598,7 @@ fn lock_spec(inv: &Inventory) -> LockSpec {
     LockSpec {
         state_dir: inv.balancer.state_dir.clone(),
         app: inv.app.name.clone(),
-        lease: LOCK_LEASE,
+        lease: inv.balancer.lock_lease,
     }
 }
 
@@ -624,13 +620,13 @@ fn connector(inv: &Inventory) -> Result<SshConnector, Error> {
     })
 }
 
-async fn connect_first_balancer(inv: &Inventory) -> Result<Arc<dyn Transport>, Error> {
+async fn connect_lock_host(inv: &Inventory) -> Result<Arc<dyn Transport>, Error> {
     use roller::transport::Connector;
     let connector = connector(inv)?;
     let endpoint = executor::endpoints(inv)
         .into_iter()
-        .find(|e| e.name == inv.balancer.hosts[0])
-        .expect("the first load balancer is an endpoint");
+        .find(|e| e.name == inv.balancer.lock_host)
+        .expect("the lock host is an endpoint");
     connector
         .connect(&endpoint)
         .await
@@ -644,7 +640,7 @@ async fn connect_first_balancer(inv: &Inventory) -> Result<Arc<dyn Transport>, E
 }
 
 async fn read_remote_state(inv: &Inventory) -> Result<Option<RolloutState>, Error> {
-    let lb = connect_first_balancer(inv).await?;
+    let lb = connect_lock_host(inv).await?;
     let state = read_state(lb.as_ref(), inv).await;
     lb.close().await;
     state
@@ -718,7 +714,7 @@ async fn drive(job: Job) -> Result<u8, Error> {
     let inv = &job.inventory;
     let connector: Arc<dyn roller::transport::Connector> = Arc::new(connector(inv)?);
     let sessions = executor::connect(inv, connector).await?;
-    let lb = sessions[&inv.balancer.hosts[0]].clone();
+    let lb = sessions[&inv.balancer.lock_host].clone();
     let result = locked(&job, &sessions, lb.clone(), interrupt, interrupt_tx).await;
     for session in sessions.values() {
         session.close().await;
@@ -736,17 +732,34 @@ async fn locked(
 ) -> Result<u8, Error> {
     let inv = &job.inventory;
     let spec = lock_spec(inv);
-    let mut me = LockInfo::new_for(&job.release);
-    if let JobKind::Resume(state) | JobKind::Recover(state) = &job.kind {
-        me.token = state.id.clone();
-    }
-    let acquired = match lock::acquire(lb.as_ref(), &spec, &me, job.lock_wait).await {
+    // The token is this process's alone: a resume or recover must never pass for the
+    // controller it takes over from, or two could drive the fleet at once.
+    let me = LockInfo::new_for(&job.release);
+    let rollout_id = match &job.kind {
+        JobKind::Resume(state) | JobKind::Recover(state) => state.id.clone(),
+        JobKind::Rollout | JobKind::SwitchBack => lock::new_id(),
+    };
+    let sent = tokio::time::Instant::now();
+    let acquired = match lock::acquire(lb.as_ref(), &spec, &me, None).await {
+        Err(LockError::Held { holder, .. }) if lock::holder_is_gone(&holder) => {
+            lock::take_over_gone(lb.as_ref(), &spec, &me, &holder).await
+        }
+        Err(LockError::Held { .. }) if job.lock_wait.is_some() => {
+            lock::acquire(lb.as_ref(), &spec, &me, job.lock_wait).await
+        }
+        other => other,
+    };
+    let acquired = match acquired {
         Ok((_, acquired)) => acquired,
         Err(e @ LockError::Held { .. }) => return Err(Error::Locked(e.to_string())),
         Err(e) => return Err(Error::State(e.to_string())),
     };
-    let keeper = LeaseKeeper::start(lb.clone(), spec.clone(), me.token.clone());
+    // A lock waited for was taken by the last request, sent no earlier than `sent`: the fence
+    // counts from `sent`, which can only make it stricter.
+    let fence = Arc::new(lock::Fence::new(spec.clone(), me.token.clone(), sent));
+    let keeper = LeaseKeeper::start_fenced(lb.clone(), fence.clone());
     let mut lost = keeper.lost();
+    let lost_reason = keeper.lost();
     tokio::spawn(async move {
         while lost.changed().await.is_ok() {
             if let Some(reason) = lost.borrow().clone() {
@@ -755,8 +768,37 @@ async fn locked(
             }
         }
     });
-    let result = with_lock(job, sessions, lb.as_ref(), &me, acquired, interrupt).await;
+    // Every command from here on is fenced: once the lease is not provably ours, nothing more
+    // reaches a host or a load balancer.
+    let fenced: executor::Sessions = sessions
+        .iter()
+        .map(|(name, session)| {
+            let session: Arc<dyn Transport> = Arc::new(lock::Fenced::new(
+                session.clone(),
+                fence.clone(),
+                *name == inv.balancer.lock_host,
+            ));
+            (name.clone(), session)
+        })
+        .collect();
+    let result = with_lock(
+        job,
+        &fenced,
+        lb.as_ref(),
+        &me,
+        &rollout_id,
+        acquired,
+        interrupt,
+    )
+    .await;
     keeper.stop().await;
+    if let Some(reason) = lost_reason.borrow().clone() {
+        return Err(Error::Locked(format!(
+            "{reason}; every command after that was refused, so this controller changed nothing more. \
+             Whoever holds the lock now finishes the rollout; see `{}`",
+            job.options.resume_hint
+        )));
+    }
     if let Err(e) = lock::release(lb.as_ref(), &spec, &me.token).await {
         eprintln!("warning: could not release the deploy lock: {e}");
     }
@@ -768,12 +810,13 @@ async fn with_lock(
     sessions: &executor::Sessions,
     lb: &dyn Transport,
     me: &LockInfo,
+    rollout_id: &str,
     acquired: Acquired,
     interrupt: executor::Interrupt,
 ) -> Result<u8, Error> {
     let inv = &job.inventory;
     let journal = Arc::new(
-        Journal::create(&job.journal_dir, &inv.app.name, &me.token).map_err(|e| {
+        Journal::create(&job.journal_dir, &inv.app.name, rollout_id).map_err(|e| {
             Error::State(format!(
                 "cannot write the journal in {}: {e}",
                 job.journal_dir.display()
@@ -782,7 +825,7 @@ async fn with_lock(
     );
     journal.record(
         "lock",
-        serde_json::json!({ "acquired": format!("{acquired:?}"), "holder": me }),
+        serde_json::json!({ "acquired": format!("{acquired:?}"), "holder": me, "rollout": rollout_id }),
     );
     if let Acquired::TookOver { expired } = &acquired {
         eprintln!("warning: took over an expired deploy lock from {expired}");
@@ -801,7 +844,7 @@ async fn with_lock(
     let previous = match (&job.kind, prior) {
         (JobKind::Resume(s) | JobKind::Recover(s), _) => Some(s.clone()),
         (JobKind::SwitchBack, _) => None,
-        (JobKind::Rollout, Some(p)) if p.status.stranded() && p.id != me.token => {
+        (JobKind::Rollout, Some(p)) if p.status.stranded() && p.id != rollout_id => {
             if p.release != job.release {
                 return Err(Error::Unfinished(format!(
                     "rollout {} of {} is unfinished ({:?}); finish it with `{}` or undo it with `{}` first",
@@ -898,7 +941,7 @@ async fn with_lock(
     });
     let state = RolloutState {
         strategy: inv.strategy,
-        id: me.token.clone(),
+        id: rollout_id.to_string(),
         app: inv.app.name.clone(),
         release: job.release.clone(),
         artifact: job.artifact.as_ref().map(|a| a.path.clone()),
@@ -915,7 +958,7 @@ async fn with_lock(
         out_of_pool: Vec::new(),
     };
     let sink = StateSink {
-        session: sessions[&inv.balancer.hosts[0]].clone(),
+        session: sessions[&inv.balancer.lock_host].clone(),
         state_dir: inv.balancer.state_dir.clone(),
         journal: Some(journal.clone()),
         state: Mutex::new(state),
@@ -927,7 +970,7 @@ async fn with_lock(
         sessions,
         reporter: reporter.clone(),
         options: Options {
-            rollout_id: me.token.clone(),
+            rollout_id: rollout_id.to_string(),
             ..job.options.clone()
         },
         interrupt,
@@ -943,7 +986,7 @@ async fn with_lock(
         };
         let json = serde_json::to_vec_pretty(&state).expect("state serializes");
         let command = journal::write_state_command(&inv.balancer.state_dir, &inv.app.name);
-        let _ = lb
+        let _ = sessions[&inv.balancer.lock_host]
             .exec(&command, Some(json.into()), Duration::from_secs(30))
             .await;
         journal.record_state(&state);

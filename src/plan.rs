@@ -670,7 +670,7 @@ impl Plan {
                             phases.push(phase(
                                 PhaseName::AwaitDecision,
                                 vec![lb_step(
-                                    &inv.balancer.hosts[0],
+                                    &inv.balancer.lock_host,
                                     Action::AwaitDecision {
                                         file: decision_file(inv),
                                     },

@@ -606,3 +606,107 @@ async fn an_unusable_state_dir_is_a_clear_error_and_an_absolute_one_works() {
             .exists()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_commands_run_only_while_the_lease_is_ours() {
+    let host = start_host(20);
+    let (a, b) = (host.connect().await, host.connect().await);
+    let short = spec("state", Duration::from_secs(3));
+    let alice = LockInfo::new_for("v2");
+    let bob = LockInfo::new_for("v3");
+    let sent = Instant::now();
+    let (held, _) = bounded(lock::acquire(&*a, &short, &alice, None))
+        .await
+        .unwrap();
+    let fence = Arc::new(lock::Fence::new(short.clone(), alice.token.clone(), sent));
+    let on_lock_host = lock::Fenced::new(a.clone(), fence.clone(), true);
+    let elsewhere = lock::Fenced::new(b.clone(), fence.clone(), false);
+
+    // While the lease is fresh, both run the command, and the command does not inherit the
+    // mutex's descriptor (nothing it leaves behind can hold the lock).
+    let out = bounded(on_lock_host.exec("echo changed > marker; ls /proc/self/fd", None, BOUND))
+        .await
+        .unwrap();
+    assert!(out.success(), "{out:?}");
+    assert!(!out.stdout_text().lines().any(|fd| fd == "9"), "{out:?}");
+    assert_eq!(
+        std::fs::read_to_string(host.session_dir.as_ref().unwrap().join("marker")).unwrap(),
+        "changed\n"
+    );
+    assert!(
+        bounded(elsewhere.exec("true", None, BOUND))
+            .await
+            .unwrap()
+            .success()
+    );
+
+    // Another controller takes over once the lease ran out (nobody renewed: a paused
+    // controller). The lock host refuses the command under the mutex, and the controller's
+    // own clock already refuses it before it is sent.
+    until_lb_clock_passes(&*b, held.lease_until).await;
+    let (_, how) = bounded(lock::acquire(&*b, &short, &bob, None))
+        .await
+        .unwrap();
+    assert!(matches!(how, Acquired::TookOver { .. }), "{how:?}");
+    let refused = bounded(on_lock_host.exec("echo stale > marker", None, BOUND)).await;
+    assert!(
+        matches!(&refused, Err(TransportError::Fenced(_))),
+        "{refused:?}"
+    );
+    let refused = bounded(elsewhere.exec("echo stale > marker", None, BOUND)).await;
+    assert!(
+        matches!(&refused, Err(TransportError::Fenced(_))),
+        "{refused:?}"
+    );
+    // Even a command that got past the controller's clock is refused by the lock host.
+    let out = bounded(a.exec(&fence.guard("echo stale > marker"), None, BOUND))
+        .await
+        .unwrap();
+    assert_eq!(out.status, Some(lock::FENCED_OUT), "{out:?}");
+    assert!(out.stderr_text().contains("fenced out"), "{out:?}");
+    assert_eq!(
+        std::fs::read_to_string(host.session_dir.as_ref().unwrap().join("marker")).unwrap(),
+        "changed\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_lease_whose_holder_is_provably_gone_is_taken_over() {
+    let host = start_host(21);
+    let (a, b) = (host.connect().await, host.connect().await);
+    let spec = spec("state", Duration::from_secs(60));
+    let mut ghost = LockInfo::new_for("v2");
+    // A process of this machine that has exited: its pid is free.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    child.wait().unwrap();
+    ghost.pid = child.id();
+    bounded(lock::acquire(&*a, &spec, &ghost, None))
+        .await
+        .unwrap();
+    let me = LockInfo::new_for("v3");
+    let held = match bounded(lock::acquire(&*b, &spec, &me, None)).await {
+        Err(LockError::Held { holder, .. }) => holder,
+        other => panic!("expected Held, got {other:?}"),
+    };
+    assert!(lock::holder_is_gone(&held));
+    // A live process of this machine, or a process elsewhere, is never taken for gone.
+    let mut alive = held.clone();
+    alive.pid = 1;
+    assert!(!lock::holder_is_gone(&alive));
+    let mut elsewhere = held.clone();
+    elsewhere.owner = "ops@another-machine".into();
+    assert!(!lock::holder_is_gone(&elsewhere));
+
+    let (taken, how) = bounded(lock::take_over_gone(&*b, &spec, &me, &held))
+        .await
+        .unwrap();
+    assert!(matches!(how, Acquired::TookOver { expired } if expired.token == ghost.token));
+    assert_eq!(taken.token, me.token);
+    // Taking over "the gone holder" when the lock changed hands meanwhile is refused.
+    let third = LockInfo::new_for("v4");
+    let refused = bounded(lock::take_over_gone(&*a, &spec, &third, &held)).await;
+    assert!(
+        matches!(refused, Err(LockError::Held { .. })),
+        "{refused:?}"
+    );
+}

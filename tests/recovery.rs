@@ -366,3 +366,112 @@ fn a_host_whose_sshd_dies_mid_rollout_fails_its_batch_cleanly_without_hanging() 
     assert_eq!(resumed.code, Some(0), "{}", resumed.stderr);
     assert_fleet_on(&fleet, "v2", "v2");
 }
+
+#[test]
+fn resume_and_recover_are_refused_while_the_rollout_runs_and_change_nothing() {
+    let fleet = Fleet::up(FleetSpec::for_test("busy", 2)).unwrap();
+    let inv = fleet.inventory_path();
+    let v2 = slow(&fleet, "v2", 8000);
+    let load = start_load(&fleet);
+    let mut running = Running::start(&rollout_args(&inv, &v2, "v2", "1", &[]));
+    // web-1 is out of the pool and starting v2: the moment an operator might think it hung.
+    running.wait_for_step("health-check", "web-1", "started");
+    let upstream = fleet.upstream_text();
+    let lock = std::fs::read_to_string(lock_file(&fleet)).unwrap();
+
+    for command in ["resume", "recover"] {
+        let run = admin(command, &inv, &[]);
+        assert_eq!(run.code, Some(7), "{command}: {}", run.stderr);
+        let message = run.error()["message"].as_str().unwrap().to_string();
+        assert!(
+            message.contains(&format!("pid {}", running.pid())),
+            "{command}: {message}"
+        );
+        assert!(
+            !run.lines.iter().any(|l| l["event"] == "step"),
+            "{command} ran steps: {:?}",
+            run.lines
+        );
+    }
+    // Nothing moved while the rollout waits for web-1's health.
+    assert_eq!(fleet.upstream_text(), upstream);
+    assert_eq!(std::fs::read_to_string(lock_file(&fleet)).unwrap(), lock);
+    assert_eq!(fleet.live_release("web-2").as_deref(), Some("v1"));
+
+    let run = running.finish();
+    let traffic = load.stop();
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_no_failed_requests(&traffic);
+    assert_fleet_on(&fleet, "v2", "v2");
+    assert!(!lock_file(&fleet).exists());
+}
+
+/// The lock file's `lease_until`, in unix seconds of the load balancer (this machine).
+fn lease_until(fleet: &Fleet) -> u64 {
+    let text = std::fs::read_to_string(lock_file(fleet)).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("lease_until="))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_controller_paused_past_its_lease_changes_nothing_once_another_took_over() {
+    let fleet = Fleet::up(FleetSpec::for_test("paused", 2)).unwrap();
+    let inv = inventory_with(&fleet, &[("balancer", "lock_lease", "10s".into())]);
+    let v2 = slow(&fleet, "v2", 3000);
+    let load = start_load(&fleet);
+    let mut first = Running::start(&rollout_args(&inv, &v2, "v2", "1", &[]));
+    first.wait_for_step("health-check", "web-1", "started");
+    first.signal(libc::SIGSTOP);
+
+    // Its lease runs out while it is stopped, and another controller takes over and undoes
+    // the rollout.
+    let expiry = lease_until(&fleet);
+    let waited = Instant::now();
+    while roller::journal::now_secs() <= expiry {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "lease never ran out"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let recovered = admin("recover", &inv, &[]);
+    assert_eq!(recovered.code, Some(0), "{}", recovered.stderr);
+    assert!(
+        recovered
+            .stderr
+            .contains("took over an expired deploy lock"),
+        "{}",
+        recovered.stderr
+    );
+    assert_fleet_on(&fleet, "v1", "v1");
+    let upstream = fleet.upstream_text();
+    let state_file = lock_file(&fleet).with_file_name("shop.rollout.json");
+    let state = std::fs::read_to_string(&state_file).unwrap();
+    let pids: Vec<Option<u32>> = fleet
+        .host_names()
+        .iter()
+        .map(|h| fleet.app_pid(h))
+        .collect();
+
+    first.signal(libc::SIGCONT);
+    let first = first.finish();
+    let traffic = load.stop();
+
+    assert_eq!(first.code, Some(7), "{}", first.stderr);
+    let message = first.error()["message"].as_str().unwrap().to_string();
+    assert!(message.contains("changed nothing more"), "{message}");
+    // It woke up believing it held the lock; nothing it tried got through.
+    assert_eq!(fleet.upstream_text(), upstream);
+    assert_eq!(std::fs::read_to_string(&state_file).unwrap(), state);
+    let after: Vec<Option<u32>> = fleet
+        .host_names()
+        .iter()
+        .map(|h| fleet.app_pid(h))
+        .collect();
+    assert_eq!(after, pids, "an app was restarted");
+    assert_no_failed_requests(&traffic);
+    assert_fleet_on(&fleet, "v1", "v1");
+}

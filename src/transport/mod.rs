@@ -67,6 +67,9 @@ pub enum TransportError {
     Channel(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    /// The deploy lock's lease is no longer provably ours: nothing may be sent.
+    #[error("{0}")]
+    Fenced(String),
 }
 
 /// An open, authenticated session to one host. Implementations multiplex concurrent calls over
