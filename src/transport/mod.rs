@@ -13,6 +13,44 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+/// The exact string an SSH exec request carries for `command`: `exec sh -c '<command>'`.
+///
+/// sshd hands the request to the user's login shell (`$SHELL -c`), and login shells differ in
+/// ways that matter: bash keeps a backgrounded `a && b &` list attached to the channel where
+/// dash does not, and fish and csh are not POSIX at all. Every roller command is written for
+/// POSIX `sh`, so it runs in one, and the login shell only ever parses this one line. The
+/// quoting is read the same way by sh, bash, dash, zsh, fish and csh/tcsh: single-quoted runs
+/// that contain no `'`, `\` or `!`, each of which is backslash-escaped outside the quotes (csh
+/// expands `!` and fish unescapes `\` even inside single quotes). csh also refuses a newline
+/// inside quotes; roller's commands are single lines.
+pub fn posix_sh(command: &str) -> String {
+    let mut quoted = String::with_capacity(command.len() + 16);
+    let mut open = false;
+    for c in command.chars() {
+        if matches!(c, '\'' | '\\' | '!') {
+            if open {
+                quoted.push('\'');
+                open = false;
+            }
+            quoted.push('\\');
+            quoted.push(c);
+        } else {
+            if !open {
+                quoted.push('\'');
+                open = true;
+            }
+            quoted.push(c);
+        }
+    }
+    if open {
+        quoted.push('\'');
+    }
+    if quoted.is_empty() {
+        quoted.push_str("''");
+    }
+    format!("exec sh -c {quoted}")
+}
+
 /// What a finished remote command left behind.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExecOutput {
@@ -76,7 +114,7 @@ pub enum TransportError {
 /// one connection and bound how many channels are open at once.
 #[async_trait]
 pub trait Transport: Send + Sync {
-    /// Runs `command` with the remote `/bin/sh -c` semantics of an SSH exec request. `stdin`,
+    /// Runs `command` under the host's POSIX `sh`, whatever the login shell (see [`posix_sh`]). `stdin`,
     /// when given, is streamed to the command and then closed. Fails with `Timeout` past
     /// `deadline`, even if the remote side stops reading.
     async fn exec(
@@ -113,4 +151,59 @@ pub struct Endpoint {
 #[async_trait]
 pub trait Connector: Send + Sync {
     async fn connect(&self, endpoint: &Endpoint) -> Result<Arc<dyn Transport>, TransportError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn posix_sh_quotes_once_and_escapes_what_any_shell_would_touch() {
+        assert_eq!(posix_sh("true"), "exec sh -c 'true'");
+        assert_eq!(posix_sh(""), "exec sh -c ''");
+        assert_eq!(
+            posix_sh(r#"printf '%s\n' "$x" && [ ! -d a ]"#),
+            r#"exec sh -c 'printf '\''%s'\\'n'\'' "$x" && [ '\!' -d a ]'"#
+        );
+    }
+
+    /// The same bytes through every login shell installed here: each must run the command
+    /// under sh, with its output and exit status intact. bash, dash and zsh are required (CI
+    /// installs them); fish and tcsh are checked where present.
+    #[test]
+    fn posix_sh_means_the_same_under_every_login_shell() {
+        let command = r#"printf '%s|' "it's" 'a\b' '!x' "a!=b" '$HOME' "${0##*/}"; [ ! -d /nonexistent ] && echo ok; exit 3"#;
+        let expected = "it's|a\\b|!x|a!=b|$HOME|sh|ok\n";
+        let wrapped = posix_sh(command);
+        let mut ran = Vec::new();
+        for shell in ["bash", "dash", "zsh", "fish", "tcsh"] {
+            let output = match std::process::Command::new(shell)
+                .arg("-c")
+                .arg(&wrapped)
+                .env_remove("ENV")
+                .output()
+            {
+                Ok(output) => output,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    assert!(
+                        !matches!(shell, "bash" | "dash" | "zsh"),
+                        "{shell} is not installed"
+                    );
+                    continue;
+                }
+                Err(e) => panic!("running {shell}: {e}"),
+            };
+            assert_eq!(
+                (
+                    output.status.code(),
+                    String::from_utf8_lossy(&output.stdout).into_owned(),
+                    String::from_utf8_lossy(&output.stderr).into_owned()
+                ),
+                (Some(3), expected.to_string(), String::new()),
+                "under {shell}: {wrapped}"
+            );
+            ran.push(shell);
+        }
+        assert!(ran.len() >= 3, "{ran:?}");
+    }
 }

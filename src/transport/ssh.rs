@@ -626,7 +626,7 @@ impl SshTransport {
         let guard = CloseOnDrop::new(writer, Some(Sig::TERM));
         let writer = guard.writer();
         writer
-            .exec(true, command)
+            .exec(true, super::posix_sh(command))
             .await
             .map_err(|e| self.session_error(e))?;
 
