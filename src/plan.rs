@@ -893,10 +893,17 @@ impl Plan {
                         PhaseName::SwitchTraffic,
                         pool_steps(inv, balancer, traffic_to(back)),
                     ),
+                    // The slot traffic left is an old slot now, stopped after keep_old like
+                    // any other.
                     phase(
                         PhaseName::KeepOld,
                         per_host(&|_| Action::Run {
-                            command: remote::mark_live(&inv.app, back.as_str()),
+                            command: remote::keep_old(
+                                &inv.app,
+                                back.as_str(),
+                                &bg.command(&bg.stop, live),
+                                bg.keep_old,
+                            ),
                         }),
                     ),
                 ],
@@ -936,6 +943,9 @@ impl Plan {
             self.batches.len(),
             self.balancers.len(),
         ));
+        out.push_str(
+            "Each command runs on its host as `exec sh -c '<command>'`, whatever the SSH user's login shell.\n",
+        );
         render_phase(
             &mut out,
             "Pre-flight, before anything changes",

@@ -76,29 +76,50 @@ pub fn switch_link(app: &AppConfig, link: &str, release: &str) -> String {
 }
 
 /// Records which blue-green slot gets traffic on the host itself, where a pending
-/// [`keep_old`] timer reads it.
+/// [`keep_old`] timer reads it. The marker line also carries a token unique to this call, left
+/// in `$m`, so that a timer only ever acts for the switch that scheduled it.
 pub fn mark_live(app: &AppConfig, slot: &str) -> String {
     format!(
-        "mkdir -p {dir}/.roller && printf '%s\\n' {slot} > {dir}/.roller/live-slot",
+        "mkdir -p {dir}/.roller || exit 1; m=\"{slot} $(date +%s%N)-$$\"; \
+         printf '%s\\n' \"$m\" > {dir}/.roller/live-slot.new && mv -f {dir}/.roller/live-slot.new {dir}/.roller/live-slot || exit 1",
         dir = quote(&app.dir),
-        slot = quote(slot),
+        slot = slot_word(slot),
     )
 }
 
-/// Marks `live` as the live slot, then, detached from the SSH session, stops the old slot once
-/// `keep` has passed, unless a switch-back made it live again in the meantime.
+/// Slot names are the fixed words `blue` and `green`; anything else would be a bug, and is
+/// quoted like any other value rather than trusted.
+fn slot_word(slot: &str) -> String {
+    quote(slot)
+}
+
+/// Marks `live` as the live slot, then stops the old slot once `keep` has passed, unless
+/// another switch (a switch-back, a later release) rewrote the marker in the meantime.
+///
+/// The timer must outlive the SSH session without holding it open: the step returns at once,
+/// or the rollout would wait out `keep` (or its deadline) with the channel still open. Where
+/// systemd runs, a transient timer (`systemd-run --on-active`) owns it, a user one for a user
+/// other than root; otherwise, or if systemd refuses, `setsid -f` starts it in a session of its
+/// own with every descriptor redirected, so neither the channel nor a hang-up reaches it.
 pub fn keep_old(app: &AppConfig, live: &str, stop_old: &str, keep: std::time::Duration) -> String {
     let marker = format!("{}/.roller/live-slot", app.dir);
-    let timer = format!(
-        "sleep {secs}; if [ \"$(cat {marker} 2>/dev/null)\" = {live} ]; then {stop_old}; fi",
-        secs = keep.as_secs(),
+    let check = format!(
+        "if [ \"$(cat {marker} 2>/dev/null)\" = \"$1\" ]; then {stop_old}; fi",
         marker = quote(&marker),
-        live = quote(live),
     );
+    let secs = keep.as_secs().max(1);
+    let sleeping = format!("sleep {secs}; {check}");
     format!(
-        "{mark} && nohup sh -c {timer} >/dev/null 2>&1 </dev/null &",
+        "{mark}; \
+         if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1; then \
+         if [ \"$(id -u)\" = 0 ]; then set --; else set -- --user; fi; \
+         systemd-run \"$@\" --quiet --collect --unit=\"roller-keep-old-$(date +%s%N)-$$\" --on-active={secs}s --working-directory=\"$PWD\" \
+         sh -c {check} keep-old \"$m\" </dev/null >/dev/null 2>&1 && exit 0; \
+         fi; \
+         setsid -f sh -c {sleeping} keep-old \"$m\" </dev/null >/dev/null 2>&1",
         mark = mark_live(app, live),
-        timer = quote(&timer),
+        check = quote(&check),
+        sleeping = quote(&sleeping),
     )
 }
 
@@ -174,6 +195,90 @@ mod tests {
              if [ -n \"$cur\" ] && [ \"$cur\" != releases/v2 ]; then printf '%s\\n' \"$cur\" > .roller/previous || exit 1; fi; \
              ln -sfn releases/v2 .roller/current.new && mv -T .roller/current.new current"
         );
+    }
+
+    #[test]
+    fn keep_old_detaches_and_checks_the_marker() {
+        let cmd = keep_old(
+            &app("/opt/shop"),
+            "green",
+            "bin/stop-slot blue",
+            std::time::Duration::from_secs(600),
+        );
+        assert!(
+            cmd.ends_with(
+                "setsid -f sh -c 'sleep 600; if [ \"$(cat /opt/shop/.roller/live-slot 2>/dev/null)\" = \"$1\" ]; then bin/stop-slot blue; fi' keep-old \"$m\" </dev/null >/dev/null 2>&1"
+            ),
+            "{cmd}"
+        );
+        assert!(cmd.contains("--on-active=600s"), "{cmd}");
+        assert!(
+            !cmd.replace("&&", "").replace(">&", "").contains('&'),
+            "nothing is left to the shell's job control: {cmd}"
+        );
+    }
+
+    /// Runs `keep_old` under bash, as a login shell does when it is also `sh` (Amazon Linux),
+    /// with stdout and stderr on pipes as an SSH channel has them: the command must return at
+    /// once, and the timer must still stop the old slot later, or not after a switch-back.
+    #[test]
+    fn keep_old_returns_at_once_under_bash_and_the_timer_fires_later() {
+        use std::process::{Command, Stdio};
+        use std::time::{Duration, Instant};
+        let dir = std::env::temp_dir().join(format!("roller-keep-old-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let app = app(dir.to_str().unwrap());
+        let stopped = |slot: &str| dir.join(format!("stopped-{slot}"));
+        let run = |cmd: &str| {
+            let started = Instant::now();
+            // No systemd here: a test must not leave units behind on a developer's machine.
+            let output = Command::new("bash")
+                .arg("-c")
+                .arg(cmd.replace("[ -d /run/systemd/system ]", "false"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "{output:?}");
+            started.elapsed()
+        };
+        let stop = |slot: &str| format!("touch {}", quote(stopped(slot).to_str().unwrap()));
+        let took = run(&keep_old(
+            &app,
+            "green",
+            &stop("blue"),
+            Duration::from_secs(2),
+        ));
+        assert!(
+            took < Duration::from_secs(1),
+            "keep_old held the channel {took:?}"
+        );
+        // A switch-back before the first timer ends: blue is live again; its own timer stops green.
+        let took = run(&keep_old(
+            &app,
+            "blue",
+            &stop("green"),
+            Duration::from_secs(3),
+        ));
+        assert!(
+            took < Duration::from_secs(1),
+            "keep_old held the channel {took:?}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !stopped("green").exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            stopped("green").exists(),
+            "the abandoned slot was never stopped"
+        );
+        assert!(
+            !stopped("blue").exists(),
+            "a timer stopped the slot a later switch made live"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
