@@ -22,6 +22,10 @@ fn slot_pids(fleet: &Fleet, slot: &str) -> Vec<Option<u32>> {
         .collect()
 }
 
+/// With the fleet's default `keep_old` (10 minutes): the release returns as soon as traffic
+/// moved, the old slots keep serving the old release, and `roller switch-back` right after is
+/// one reload with nothing lost. The timer must detach from the SSH session even where the
+/// login shell is bash; a timer that held the channel would keep the release waiting.
 #[test]
 fn a_blue_green_release_moves_all_traffic_at_once_and_switch_back_is_one_reload() {
     let fleet = blue_green("bg", 2);
@@ -39,19 +43,51 @@ fn a_blue_green_release_moves_all_traffic_at_once_and_switch_back_is_one_reload(
     // One pool change per load balancer: all hosts moved together.
     assert_eq!(run.touched("switch-traffic").len(), 1);
     assert_fleet_on(&fleet, "v2", "v2");
+    // Scheduling the stop of the old slots returned at once on every host.
+    let keep_old: Vec<&serde_json::Value> = run
+        .lines
+        .iter()
+        .filter(|l| l["step"]["phase"] == "keep-old" && l["step"]["state"] == "succeeded")
+        .collect();
+    assert_eq!(keep_old.len(), 2, "{:#?}", run.lines);
+    for step in keep_old {
+        assert!(
+            step["step"]["elapsed_ms"].as_u64().unwrap() < 3000,
+            "keep-old held its SSH session: {step}"
+        );
+    }
     // The old slots still run, untouched, for an instant switch-back.
     assert_eq!(slot_pids(&fleet, "blue"), blue_before);
     for host in fleet.host_names() {
         assert_eq!(fleet.slot_version(&host, "blue").as_deref(), Some("v1"));
     }
 
+    let reloads = fleet.nginx_reloads();
     let load = start_load(&fleet);
     let back = admin("switch-back", &inv, &[]);
+    let after_switch = fleet.access_log_len();
+    let served = load.snapshot().ok;
+    assert!(load.wait_for_requests(served + 50, Duration::from_secs(30)));
     let traffic = load.stop();
 
     assert_eq!(back.code, Some(0), "{}", back.stderr);
     assert_no_failed_requests(&traffic);
     assert_eq!(fleet.live_slot().as_deref(), Some("blue"));
+    assert_eq!(
+        fleet.nginx_reloads(),
+        reloads + 1,
+        "one reload, by nginx's own log"
+    );
+    // nginx itself sends everything to the blue slots now.
+    let blue = format!(":{}", fleet.slot_port("blue"));
+    let served = fleet.served_since(after_switch);
+    assert!(served.len() >= 50, "{served:?}");
+    for (upstream, status) in &served {
+        assert!(
+            upstream.ends_with(&blue) && *status == 200,
+            "{upstream} {status}"
+        );
+    }
     // Within a second: the reload and its confirmation are the whole switch.
     let switched = back
         .lines

@@ -756,6 +756,37 @@ impl Fleet {
         self.nginx().access_log()
     }
 
+    /// How many times the nginx master was told to reload, from its error log (`notice`
+    /// level logs each SIGHUP it receives).
+    pub fn nginx_reloads(&self) -> usize {
+        std::fs::read_to_string(self.nginx().error_log())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("(SIGHUP) received"))
+            .count()
+    }
+
+    /// The upstream address (`address:port`) of every access-log line from byte `from` on,
+    /// with the line's status: who nginx really sent each request to.
+    pub fn served_since(&self, from: u64) -> Vec<(String, u16)> {
+        let text = std::fs::read(self.access_log_path()).unwrap_or_default();
+        let from = usize::try_from(from).unwrap_or(usize::MAX).min(text.len());
+        String::from_utf8_lossy(&text[from..])
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace();
+                let upstream = fields.next()?.to_string();
+                let status = fields.next()?.parse().ok()?;
+                Some((upstream, status))
+            })
+            .collect()
+    }
+
+    /// The access log's length now, to read what comes after with [`Fleet::served_since`].
+    pub fn access_log_len(&self) -> u64 {
+        std::fs::metadata(self.access_log_path()).map_or(0, |m| m.len())
+    }
+
     /// The nginx master, from its pid file.
     pub fn nginx_pid(&self) -> Option<u32> {
         self.nginx()

@@ -7,7 +7,6 @@
 use std::fs;
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -141,7 +140,7 @@ impl Sshd {
         }
 
         let force_command = match &spec.session_dir {
-            Some(session_dir) => Some(write_enter_script(&dir, session_dir)?),
+            Some(session_dir) => Some(enter_command(session_dir)?),
             None => None,
         };
         let config = dir.join("sshd_config");
@@ -399,7 +398,7 @@ fn is_stopped(pid: u32) -> bool {
 }
 
 /// By executable rather than command line: sshd retitles its processes (`sshd: user@notty`),
-/// and ForceCommand scripts live under the sshd directory. Matches `sshd-session` and
+/// and the commands sessions run are not sshd. Matches `sshd-session` and
 /// `sshd-auth` of newer OpenSSH too.
 fn is_sshd(pid: u32) -> bool {
     fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
@@ -429,7 +428,7 @@ fn sshd_config(
     spec: &SshdSpec,
     host_key: &Path,
     pid_file: &Path,
-    force_command: Option<&Path>,
+    force_command: Option<&str>,
 ) -> String {
     // IPv6 literals need brackets in ListenAddress when a port is attached.
     let listen = if spec.address.contains(':') {
@@ -458,28 +457,23 @@ fn sshd_config(
         authorized_keys = spec.authorized_keys.display(),
     );
     if let Some(enter) = force_command {
-        config.push_str(&format!("ForceCommand {}\n", enter.display()));
+        config.push_str(&format!("ForceCommand {enter}\n"));
     }
     config
 }
 
-/// Writes `dir/enter`, the ForceCommand that gives each simulated host its own working directory.
-fn write_enter_script(dir: &Path, session_dir: &Path) -> anyhow::Result<PathBuf> {
+/// The ForceCommand that gives each simulated host its own working directory. sshd runs it
+/// with the user's login shell (`$SHELL -c`), which then runs the requested command itself,
+/// so that every command meets the login shell exactly as on a real host: same parser, same
+/// rc files. Plain `cd` and `eval`, which bash, dash, zsh and fish all read alike.
+fn enter_command(session_dir: &Path) -> anyhow::Result<String> {
     let session_dir = session_dir
         .to_str()
         .with_context(|| format!("{} is not UTF-8", session_dir.display()))?;
-    let script = format!(
-        "#!/bin/sh\n\
-         # ForceCommand for a simulated host: run the requested command from this host's root.\n\
-         cd {} || exit 1\n\
-         exec /bin/sh -c \"$SSH_ORIGINAL_COMMAND\"\n",
+    Ok(format!(
+        "cd {} && eval \"$SSH_ORIGINAL_COMMAND\"",
         shell_quote(session_dir)
-    );
-    let path = dir.join("enter");
-    fs::write(&path, script).with_context(|| format!("writing {}", path.display()))?;
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
-        .with_context(|| format!("making {} executable", path.display()))?;
-    Ok(path)
+    ))
 }
 
 fn shell_quote(s: &str) -> String {
