@@ -20,7 +20,7 @@ use crate::error::{Error, HostFailure, Result};
 use crate::health::{HealthCheck, HealthSpec};
 use crate::inventory::{Inventory, Slot, Strategy};
 use crate::journal::{self, Journal, Progress, RolloutState, Status};
-use crate::plan::{Action, Batch, Observed, Phase, PhaseName, Plan, Role, Step};
+use crate::plan::{Action, Batch, Observed, Phase, PhaseName, Plan, Role, Step, is_release};
 use crate::remote::quote;
 use crate::report::{
     Event, FailureAt, HostOutcome, HostReport, Outcome, Reporter, RolloutReport, StepState,
@@ -303,6 +303,27 @@ pub async fn preflight(
     }))
     .await;
     for ((name, facts), healthy) in facts_of.into_iter().zip(probes) {
+        // A link's target is read back from the host: it must name a release by the release
+        // rules before it may become a rollback target or reach a command.
+        for (key, file) in [
+            ("current", "current"),
+            ("blue", "current-blue"),
+            ("green", "current-green"),
+        ] {
+            if let Some(raw) = facts.get(key).filter(|c| !c.is_empty())
+                && !is_release(&release_name(raw))
+            {
+                failures.push(HostFailure {
+                    host: name.clone(),
+                    step: "preflight".into(),
+                    message: format!(
+                        "{}/{file} points at {:?}, which is not a release by the release rules; point it at releases/<release> by hand",
+                        inv.app.dir,
+                        raw.chars().take(120).collect::<String>()
+                    ),
+                });
+            }
+        }
         let link = |key: &str| {
             facts
                 .get(key)
@@ -947,8 +968,10 @@ impl<'a> Executor<'a> {
                         self.with_host(&step.target, |h| h.release = release);
                     }
                     PhaseName::SwitchBack => {
-                        let release = release_name(stdout.trim());
-                        self.with_host(&step.target, |h| h.release = Some(release));
+                        // Read back from the host's `.roller/previous`: known only if it is a
+                        // release by the release rules.
+                        let release = Some(release_name(stdout.trim())).filter(|r| is_release(r));
+                        self.with_host(&step.target, |h| h.release = release);
                     }
                     _ => {}
                 }
@@ -981,7 +1004,17 @@ impl<'a> Executor<'a> {
             Action::Drain { command, timeout } => {
                 let deadline = Instant::now() + *timeout;
                 loop {
-                    let out = run(session.as_ref(), command, None, COMMAND_DEADLINE).await?;
+                    // Each poll ends by the drain's own deadline: `drain_timeout` bounds the
+                    // whole wait, a slow host included.
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let out = run(session.as_ref(), command, None, left.min(COMMAND_DEADLINE))
+                        .await
+                        .map_err(|e| {
+                            format!(
+                                "no in-flight count within drain_timeout {}: {e}",
+                                humantime::format_duration(*timeout)
+                            )
+                        })?;
                     let in_flight: u64 = out
                         .trim()
                         .parse()

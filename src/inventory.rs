@@ -137,6 +137,8 @@ pub struct SshConfig {
     pub known_hosts: PathBuf,
     #[serde(with = "human")]
     pub connect_timeout: Duration,
+    /// Accept SHA-1 `ssh-rsa` host-key signatures (old servers only).
+    pub allow_sha1_rsa: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -273,7 +275,14 @@ impl Inventory {
         r.unknown_keys(
             "ssh",
             ssh_t,
-            &["user", "port", "identity", "known_hosts", "connect_timeout"],
+            &[
+                "user",
+                "port",
+                "identity",
+                "known_hosts",
+                "connect_timeout",
+                "allow_sha1_rsa",
+            ],
         );
         let ssh = SshConfig {
             user: r.word(ssh_t, "ssh", "user", None),
@@ -288,6 +297,17 @@ impl Inventory {
                 Some("~/.ssh/known_hosts"),
             )),
             connect_timeout: r.duration(ssh_t, "ssh", "connect_timeout", Some("10s")),
+            allow_sha1_rsa: match ssh_t.get("allow_sha1_rsa") {
+                None => false,
+                Some(toml::Value::Boolean(b)) => *b,
+                Some(other) => {
+                    r.problem(
+                        "ssh.allow_sha1_rsa",
+                        format!("must be true or false, got {other}"),
+                    );
+                    false
+                }
+            },
         };
 
         r.unknown_keys(

@@ -11,6 +11,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::inventory::Inventory;
+use crate::plan::{BatchSize, is_release};
 use crate::remote::quote;
 use crate::report::{Event, Reporter, RolloutReport};
 
@@ -66,11 +68,13 @@ impl Status {
 pub struct RolloutState {
     #[serde(default)]
     pub strategy: crate::inventory::Strategy,
-    /// Also the deploy lock's token: a resumed rollout re-takes its own lock.
+    /// 32 hex digits; names the local journal and the canary decisions. Not the lock's token:
+    /// that belongs to one controller process.
     pub id: String,
     pub app: String,
     pub release: String,
-    pub artifact: Option<PathBuf>,
+    /// The jar's file name, for people: never read back as a path.
+    pub artifact: Option<String>,
     pub artifact_sha256: Option<String>,
     /// `--batch` as given.
     pub batch: String,
@@ -85,6 +89,117 @@ pub struct RolloutState {
     pub hosts: BTreeMap<String, Progress>,
     /// Hosts that the load balancers have marked `down`, as last written.
     pub out_of_pool: Vec<String>,
+    /// The load balancers of the inventory that ran it, sorted.
+    #[serde(default)]
+    pub balancers: Vec<String>,
+}
+
+/// Whether `s` is what [`crate::lock::new_id`] makes: 32 lowercase hex digits.
+pub fn is_id(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+impl RolloutState {
+    /// What is wrong with a state read back from a load balancer or a journal, checked against
+    /// the rules roller writes it by: anyone who can write that file must not be able to steer
+    /// roller into running their text as a command or using it as a local path.
+    pub fn problems(&self, inv: &Inventory) -> Vec<String> {
+        let mut problems = Vec::new();
+        let shown = |s: &str| format!("{:?}", s.chars().take(80).collect::<String>());
+        if !is_id(&self.id) {
+            problems.push(format!("id {} is not 32 hex digits", shown(&self.id)));
+        }
+        if self.app != inv.app.name {
+            problems.push(format!(
+                "app {} is not this inventory's app {:?}",
+                shown(&self.app),
+                inv.app.name
+            ));
+        }
+        if !is_release(&self.release) {
+            problems.push(format!(
+                "release {} breaks the release rules",
+                shown(&self.release)
+            ));
+        }
+        if let Some(jar) = &self.artifact
+            && (jar.is_empty()
+                || jar.len() > 255
+                || jar.contains('/')
+                || jar == "."
+                || jar == ".."
+                || jar.chars().any(char::is_control))
+        {
+            problems.push(format!("artifact {} is not a file name", shown(jar)));
+        }
+        if let Some(sha) = &self.artifact_sha256
+            && !is_sha256(sha)
+        {
+            problems.push(format!("artifact_sha256 {} is not a SHA-256", shown(sha)));
+        }
+        if self.batch.parse::<BatchSize>().is_err() {
+            problems.push(format!("batch {} is not a batch size", shown(&self.batch)));
+        }
+        if !matches!(
+            self.on_failure.as_str(),
+            "rollback-batch" | "rollback-all" | "halt"
+        ) {
+            problems.push(format!(
+                "on_failure {} is not a policy",
+                shown(&self.on_failure)
+            ));
+        }
+        if self.controller.len() > 256 || self.controller.chars().any(char::is_control) {
+            problems.push(format!(
+                "controller {} is not a user@host",
+                shown(&self.controller)
+            ));
+        }
+        let known = |h: &String| inv.host(h).is_some();
+        for (host, release) in &self.before {
+            if !known(host) {
+                problems.push(format!(
+                    "before names {}, not a host of the inventory",
+                    shown(host)
+                ));
+            }
+            if let Some(r) = release
+                && !is_release(r)
+            {
+                problems.push(format!(
+                    "before.{} is {}, which breaks the release rules",
+                    shown(host),
+                    shown(r)
+                ));
+            }
+        }
+        for lb in &self.balancers {
+            if lb.is_empty()
+                || lb.len() > 255
+                || !lb
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'))
+            {
+                problems.push(format!(
+                    "balancers names {}, not a host name or address",
+                    shown(lb)
+                ));
+            }
+        }
+        for host in self.hosts.keys().chain(&self.out_of_pool) {
+            if !known(host) {
+                problems.push(format!(
+                    "hosts names {}, not a host of the inventory",
+                    shown(host)
+                ));
+            }
+        }
+        problems
+    }
 }
 
 pub fn now_secs() -> u64 {
@@ -227,7 +342,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut state = RolloutState {
             strategy: crate::inventory::Strategy::Rolling,
-            id: "r1".into(),
+            id: "0123456789abcdef0123456789abcdef".into(),
             app: "shop".into(),
             release: "v2".into(),
             artifact: None,
@@ -242,13 +357,14 @@ mod tests {
             before: BTreeMap::new(),
             hosts: BTreeMap::from([("web-1".to_string(), Progress::Drained)]),
             out_of_pool: vec!["web-1".into()],
+            balancers: vec!["10.0.0.5".into()],
         };
-        let journal = Journal::create(dir.path(), "shop", "r1").unwrap();
+        let journal = Journal::create(dir.path(), "shop", &state.id).unwrap();
         journal.record_state(&state);
         state.hosts.insert("web-1".into(), Progress::Switched);
         journal.record_state(&state);
         drop(journal);
-        let path = dir.path().join("shop/r1.jsonl");
+        let path = dir.path().join(format!("shop/{}.jsonl", state.id));
         assert_eq!(Journal::last_state(&path).unwrap(), Some(state));
     }
 }

@@ -18,6 +18,7 @@
 //! owner=<user>@<controller host name>
 //! pid=<controller pid>
 //! release=<release being rolled out>
+//! balancers=<the holder's load balancers, sorted, comma-separated>
 //! started=<unix seconds, load-balancer clock>
 //! lease_until=<unix seconds, load-balancer clock>
 //! ```
@@ -61,6 +62,10 @@ pub struct LockInfo {
     /// The controller's process id, for humans.
     pub pid: u32,
     pub release: String,
+    /// The load balancers the holder's inventory names, sorted and comma-separated: an
+    /// inventory naming another set for the same app is shown both when it is refused.
+    #[serde(default)]
+    pub balancers: String,
     /// When this token first took the lock, unix seconds on the load balancer's clock.
     pub started: u64,
     /// The lease runs out after this second (load balancer's clock) unless renewed.
@@ -76,6 +81,7 @@ impl LockInfo {
             owner: local_owner(),
             pid: std::process::id(),
             release: one_line(release),
+            balancers: String::new(),
             started: 0,
             lease_until: 0,
         }
@@ -84,13 +90,16 @@ impl LockInfo {
     /// Reads the fields of a lock file; missing or garbled fields become empty / 0 rather than an
     /// error, because a damaged lock must still be shown to the operator who has to remove it.
     fn from_fields(fields: &HashMap<String, String>) -> LockInfo {
-        let text = |k: &str| fields.get(k).cloned().unwrap_or_default();
+        // Shown to people: a lock file anyone could write must not drive their terminal.
+        let text =
+            |k: &str| crate::transport::printable(&fields.get(k).cloned().unwrap_or_default());
         let number = |k: &str| fields.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
         LockInfo {
             token: text("token"),
             owner: text("owner"),
             pid: fields.get("pid").and_then(|v| v.parse().ok()).unwrap_or(0),
             release: text("release"),
+            balancers: text("balancers"),
             started: number("started"),
             lease_until: number("lease_until"),
         }
@@ -156,9 +165,21 @@ pub enum Acquired {
 pub enum LockError {
     #[error("{}", held_message(holder, *now))]
     Held {
-        holder: LockInfo,
+        holder: Box<LockInfo>,
         /// The load balancer's clock when it said so.
         now: u64,
+    },
+    /// The lock is held for the same app by an inventory that names other load balancers.
+    #[error(
+        "another rollout of this app holds the deploy lock with a different set of load balancers: \
+         its inventory names [{theirs}], this one [{ours}]; one fleet must have one inventory's set. {}",
+        held_message(holder, *now),
+        theirs = holder.balancers
+    )]
+    OtherBalancers {
+        holder: Box<LockInfo>,
+        now: u64,
+        ours: String,
     },
     #[error("{}", lost_message(holder.as_ref()))]
     Lost { holder: Option<LockInfo> },
@@ -257,8 +278,8 @@ fn acquire_command_over(spec: &LockSpec, me: &LockInfo, gone: Option<&str>) -> S
          if [ \"$exp\" -ge \"$now\" ]; then echo result=held; echo now=$now; exit 0; fi; \
          result=took_over; fi; fi; \
          exp=$((now + {lease})); \
-         printf 'token=%s\\nowner=%s\\npid=%s\\nrelease=%s\\nstarted=%s\\nlease_until=%s\\n' \
-         \"$tok\" {owner} {pid} {release} \"$started\" \"$exp\" > \"$f.new\" && mv -f \"$f.new\" \"$f\" || {WRITE_FAILED}; \
+         printf 'token=%s\\nowner=%s\\npid=%s\\nrelease=%s\\nbalancers=%s\\nstarted=%s\\nlease_until=%s\\n' \
+         \"$tok\" {owner} {pid} {release} {balancers} \"$started\" \"$exp\" > \"$f.new\" && mv -f \"$f.new\" \"$f\" || {WRITE_FAILED}; \
          echo result=$result; echo now=$now; echo started=$started; echo lease_until=$exp",
         prologue = locked_prologue(spec, true),
         token = quote(&one_line(&me.token)),
@@ -266,6 +287,7 @@ fn acquire_command_over(spec: &LockSpec, me: &LockInfo, gone: Option<&str>) -> S
         owner = quote(&one_line(&me.owner)),
         pid = me.pid,
         release = quote(&one_line(&me.release)),
+        balancers = quote(&one_line(&me.balancers)),
         lease = spec.lease_secs(),
         fail = SCRIPT_FAILURE,
     )
@@ -457,9 +479,19 @@ async fn acquire_once(
     let reply = run(t, &acquire_command_over(spec, me, gone), WHAT).await?;
     let how = match reply.result() {
         "held" => {
+            let holder = LockInfo::from_fields(&reply.old);
+            let now = reply.number("now", WHAT)?;
+            let ours = one_line(&me.balancers);
+            if !holder.balancers.is_empty() && !ours.is_empty() && holder.balancers != ours {
+                return Err(LockError::OtherBalancers {
+                    holder: Box::new(holder),
+                    now,
+                    ours,
+                });
+            }
             return Err(LockError::Held {
-                holder: LockInfo::from_fields(&reply.old),
-                now: reply.number("now", WHAT)?,
+                holder: Box::new(holder),
+                now,
             });
         }
         "fresh" => Acquired::Fresh,
@@ -474,6 +506,7 @@ async fn acquire_once(
         owner: one_line(&me.owner),
         pid: me.pid,
         release: one_line(&me.release),
+        balancers: one_line(&me.balancers),
         started: reply.number("started", WHAT)?,
         lease_until: reply.number("lease_until", WHAT)?,
     };

@@ -381,11 +381,14 @@ async fn rollout_command(args: &RolloutArgs) -> Result<u8, Error> {
 async fn resume_command(args: &ResumeArgs, recover: bool) -> Result<u8, Error> {
     let (mut inventory, balancer) = load_inventory(&args.common)?;
     let state = match &args.journal {
-        Some(path) => Journal::last_state(path)
-            .map_err(|e| Error::State(format!("cannot read journal {}: {e}", path.display())))?
-            .ok_or_else(|| {
-                Error::Unfinished(format!("journal {} holds no rollout state", path.display()))
-            })?,
+        Some(path) => {
+            let state = Journal::last_state(path)
+                .map_err(|e| Error::State(format!("cannot read journal {}: {e}", path.display())))?
+                .ok_or_else(|| {
+                    Error::Unfinished(format!("journal {} holds no rollout state", path.display()))
+                })?;
+            trusted(state, &inventory, &path.display().to_string())?
+        }
         None => read_remote_state(&inventory).await?.ok_or_else(|| {
             Error::Unfinished(format!(
                 "no rollout of {} is recorded on {}: nothing to {}",
@@ -404,30 +407,37 @@ async fn resume_command(args: &ResumeArgs, recover: bool) -> Result<u8, Error> {
             if recover { "recover" } else { "resume" }
         )));
     }
-    let artifact = if recover {
-        None
-    } else {
-        match args.artifact.as_ref().or(state.artifact.as_ref()) {
-            Some(path) if path.exists() || args.artifact.is_some() => {
-                let artifact = Artifact::load(path)?;
-                if state
-                    .artifact_sha256
-                    .as_ref()
-                    .is_some_and(|sha| sha != &artifact.sha256)
-                {
-                    return Err(Error::Artifact {
-                        path: path.clone(),
-                        message: format!(
-                            "is not the jar of release {} (its sha256 differs from the one recorded)",
-                            state.release
-                        ),
-                    });
-                }
-                Some(artifact)
+    // Never a path from the recorded state: whoever can write that file could make us upload
+    // any local file. Without --artifact, every host must already hold the recorded jar.
+    let artifact = match (&args.artifact, recover) {
+        (_, true) => None,
+        (Some(path), false) => {
+            let artifact = Artifact::load(path)?;
+            if state
+                .artifact_sha256
+                .as_ref()
+                .is_some_and(|sha| sha != &artifact.sha256)
+            {
+                return Err(Error::Artifact {
+                    path: path.clone(),
+                    message: format!(
+                        "is not the jar of release {} (its sha256 differs from the one recorded)",
+                        state.release
+                    ),
+                });
             }
-            // Every host may already hold the jar; a host that does not fails at `switch`.
-            _ => None,
+            Some(artifact)
         }
+        (None, false) if state.artifact_sha256.is_none() => {
+            return Err(Error::Usage {
+                flag: "--artifact".into(),
+                message: format!(
+                    "rollout {} records no checksum for release {}: give its jar with --artifact",
+                    state.id, state.release
+                ),
+            });
+        }
+        (None, false) => None,
     };
     inventory.strategy = state.strategy;
     if recover && state.strategy == Strategy::BlueGreen {
@@ -594,6 +604,15 @@ fn journal_dir(control: &Control) -> PathBuf {
         .unwrap_or_else(Journal::default_dir)
 }
 
+/// The inventory's load balancers, sorted: what the lock and the rollout state record, so that
+/// another inventory for the same app with another set is noticed.
+fn balancer_set(inv: &Inventory) -> Vec<String> {
+    let mut set = inv.balancer.hosts.clone();
+    set.sort();
+    set.dedup();
+    set
+}
+
 fn lock_spec(inv: &Inventory) -> LockSpec {
     LockSpec {
         state_dir: inv.balancer.state_dir.clone(),
@@ -610,6 +629,7 @@ fn connector(inv: &Inventory) -> Result<SshConnector, Error> {
         connect_timeout: inv.ssh.connect_timeout,
         max_channels_per_host: 8,
         max_concurrent_connects: 8,
+        allow_sha1_rsa: inv.ssh.allow_sha1_rsa,
     })
     .map_err(|e| Error::Preflight {
         failures: vec![HostFailure {
@@ -661,11 +681,77 @@ async fn read_state(lb: &dyn Transport, inv: &Inventory) -> Result<Option<Rollou
     if out.stdout.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    serde_json::from_slice(&out.stdout).map(Some).map_err(|e| {
-        Error::State(format!(
-            "the rollout state on the load balancer is unreadable: {e}"
-        ))
-    })
+    let file = format!(
+        "{}:{}",
+        inv.balancer.lock_host,
+        journal::state_file(&inv.balancer.state_dir, &inv.app.name)
+    );
+    let state = serde_json::from_slice(&out.stdout)
+        .map_err(|e| Error::State(format!("the rollout state {file} is unreadable: {e}")))?;
+    trusted(state, inv, &file).map(Some)
+}
+
+/// The state if every value in it follows the rules roller writes it by; else an error naming
+/// the file, before anything acts on it.
+fn trusted(state: RolloutState, inv: &Inventory, file: &str) -> Result<RolloutState, Error> {
+    let problems = state.problems(inv);
+    if problems.is_empty() {
+        return Ok(state);
+    }
+    Err(Error::State(format!(
+        "refusing the rollout state {file}: it was not written by roller as it stands, nothing was done:\n{}\n\
+         inspect the file, and put the fleet in order by hand if it was tampered with",
+        problems
+            .iter()
+            .map(|p| format!("  - {p}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    )))
+}
+
+/// Without a jar given, a resumed rollout relies on the one staged on every host: each must hold
+/// it with the recorded checksum, or nothing starts.
+async fn verify_staged_jar(
+    inv: &Inventory,
+    sessions: &executor::Sessions,
+    release: &str,
+    sha256: &str,
+) -> Result<(), Error> {
+    let command = roller::remote::artifact_present(&inv.app, release, sha256);
+    let checks = futures::future::join_all(inv.hosts.iter().map(|h| {
+        let command = command.clone();
+        async move {
+            let out = sessions[&h.name]
+                .exec(&command, None, Duration::from_secs(60))
+                .await;
+            (h.name.clone(), out)
+        }
+    }))
+    .await;
+    let failures: Vec<HostFailure> = checks
+        .into_iter()
+        .filter_map(|(host, out)| {
+            let message = match out {
+                Ok(out) if out.success() && out.stdout_text() == "present" => return None,
+                Ok(out) if out.success() => format!(
+                    "{}/releases/{release}/{} is missing or not the recorded jar: give it with --artifact",
+                    inv.app.dir, inv.app.jar_name
+                ),
+                Ok(out) => out.stderr_text(),
+                Err(e) => e.to_string(),
+            };
+            Some(HostFailure {
+                host,
+                step: "staged jar".into(),
+                message,
+            })
+        })
+        .collect();
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Preflight { failures })
+    }
 }
 
 fn record_lock_event(dir: &std::path::Path, app: &str, kind: &str, body: serde_json::Value) {
@@ -734,7 +820,10 @@ async fn locked(
     let spec = lock_spec(inv);
     // The token is this process's alone: a resume or recover must never pass for the
     // controller it takes over from, or two could drive the fleet at once.
-    let me = LockInfo::new_for(&job.release);
+    let me = LockInfo {
+        balancers: balancer_set(inv).join(","),
+        ..LockInfo::new_for(&job.release)
+    };
     let rollout_id = match &job.kind {
         JobKind::Resume(state) | JobKind::Recover(state) => state.id.clone(),
         JobKind::Rollout | JobKind::SwitchBack => lock::new_id(),
@@ -751,7 +840,9 @@ async fn locked(
     };
     let acquired = match acquired {
         Ok((_, acquired)) => acquired,
-        Err(e @ LockError::Held { .. }) => return Err(Error::Locked(e.to_string())),
+        Err(e @ (LockError::Held { .. } | LockError::OtherBalancers { .. })) => {
+            return Err(Error::Locked(e.to_string()));
+        }
         Err(e) => return Err(Error::State(e.to_string())),
     };
     // A lock waited for was taken by the last request, sent no earlier than `sent`: the fence
@@ -837,8 +928,29 @@ async fn with_lock(
         );
     }
 
+    if let (JobKind::Resume(state), None) = (&job.kind, &job.artifact)
+        && let Some(sha) = &state.artifact_sha256
+    {
+        verify_staged_jar(inv, sessions, &state.release, sha).await?;
+    }
     // What an earlier rollout left behind decides what this one may do.
     let prior = read_state(lb, inv).await?;
+    let ours = balancer_set(inv);
+    for state in [prior.as_ref(), resumed_state(&job.kind)]
+        .into_iter()
+        .flatten()
+    {
+        if state.status.unfinished() && !state.balancers.is_empty() && state.balancers != ours {
+            return Err(Error::Unfinished(format!(
+                "rollout {} of {} was run with the load balancers [{}], this inventory names [{}]: \
+                 finish it with the inventory it was started with",
+                state.id,
+                state.release,
+                state.balancers.join(", "),
+                ours.join(", ")
+            )));
+        }
+    }
     let mut unfinished = BTreeSet::new();
     let mut before_prior = None;
     let previous = match (&job.kind, prior) {
@@ -939,13 +1051,28 @@ async fn with_lock(
             .map(|(h, o)| (h.clone(), o.release.clone()))
             .collect()
     });
+    // A resumed rollout without --artifact goes on with the jar it recorded.
+    let resumed = match &job.kind {
+        JobKind::Resume(s) => Some(s),
+        _ => None,
+    };
+    let balancers = ours;
     let state = RolloutState {
         strategy: inv.strategy,
         id: rollout_id.to_string(),
         app: inv.app.name.clone(),
         release: job.release.clone(),
-        artifact: job.artifact.as_ref().map(|a| a.path.clone()),
-        artifact_sha256: job.artifact.as_ref().map(|a| a.sha256.clone()),
+        artifact: job
+            .artifact
+            .as_ref()
+            .and_then(|a| a.path.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .or_else(|| resumed.and_then(|s| s.artifact.clone())),
+        artifact_sha256: job
+            .artifact
+            .as_ref()
+            .map(|a| a.sha256.clone())
+            .or_else(|| resumed.and_then(|s| s.artifact_sha256.clone())),
         batch: job.batch_text.clone(),
         on_failure: job.options.on_failure.as_str().to_string(),
         max_failed_hosts: job.options.max_failed_hosts,
@@ -956,6 +1083,7 @@ async fn with_lock(
         before,
         hosts: BTreeMap::new(),
         out_of_pool: Vec::new(),
+        balancers,
     };
     let sink = StateSink {
         session: sessions[&inv.balancer.lock_host].clone(),
@@ -998,6 +1126,13 @@ async fn with_lock(
     }
     let _ = &job.inventory_path;
     Ok(outcome_code(report.outcome))
+}
+
+fn resumed_state(kind: &JobKind) -> Option<&RolloutState> {
+    match kind {
+        JobKind::Resume(s) | JobKind::Recover(s) => Some(s),
+        _ => None,
+    }
 }
 
 fn reporter(job: &Job, journal: &Arc<Journal>) -> Arc<dyn Reporter> {

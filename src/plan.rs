@@ -75,9 +75,15 @@ impl Artifact {
     }
 }
 
+/// The release rules: a release becomes a directory name on every host, so 1 to 64 letters,
+/// digits, `.`, `_` or `-`, not starting with `.`.
+pub fn is_release(release: &str) -> bool {
+    is_word(release) && !release.starts_with('.') && release.len() <= 64
+}
+
 /// Checks a release name given with `--release`: it becomes a directory name on every host.
 pub fn validate_release(release: &str) -> Result<()> {
-    if !is_word(release) || release.starts_with('.') || release.len() > 64 {
+    if !is_release(release) {
         return Err(Error::Usage {
             flag: "--release".into(),
             message: format!(

@@ -50,13 +50,12 @@ pub fn upload(app: &AppConfig, release: &str, sha256: &str) -> String {
     format!(
         "r={rdir}; mkdir -p \"$r\" || exit 1; cat > \"$r\"/{part} || exit 1; \
          s=$(sha256sum < \"$r\"/{part} | cut -d' ' -f1); \
-         if [ \"$s\" != {sha} ]; then rm -f \"$r\"/{part}; echo \"checksum mismatch: expected {sha_plain}, got $s\" >&2; exit 1; fi; \
+         if [ \"$s\" != {sha} ]; then rm -f \"$r\"/{part}; printf 'checksum mismatch: expected %s, got %s\\n' {sha} \"$s\" >&2; exit 1; fi; \
          mv -f \"$r\"/{part} \"$r\"/{jar}",
         rdir = quote(&format!("{}/{}", app.dir, release_dir(release))),
         part = quote(&format!(".{}.part", app.jar_name)),
         jar = quote(&app.jar_name),
         sha = quote(sha256),
-        sha_plain = sha256,
     )
 }
 
@@ -65,11 +64,11 @@ pub fn upload(app: &AppConfig, release: &str, sha256: &str) -> String {
 pub fn switch_link(app: &AppConfig, link: &str, release: &str) -> String {
     let target = release_dir(release);
     format!(
-        "cd {dir} || exit 1; test -f {jar} || {{ echo \"{jar_plain} is missing\" >&2; exit 1; }}; \
+        "cd {dir} || exit 1; test -f {jar} || {{ printf '%s is missing\\n' {jar_full} >&2; exit 1; }}; \
          mkdir -p .roller || exit 1; ln -sfn {target} .roller/{link}.new && mv -T .roller/{link}.new {link}",
         dir = quote(&app.dir),
         jar = quote(&format!("{target}/{}", app.jar_name)),
-        jar_plain = format!("{}/{target}/{}", app.dir, app.jar_name).replace('"', ""),
+        jar_full = quote(&format!("{}/{target}/{}", app.dir, app.jar_name)),
         target = quote(&target),
         link = quote(link),
     )
@@ -128,13 +127,13 @@ pub fn keep_old(app: &AppConfig, live: &str, stop_old: &str, keep: std::time::Du
 pub fn switch(app: &AppConfig, release: &str) -> String {
     let target = release_dir(release);
     format!(
-        "cd {dir} || exit 1; test -f {jar} || {{ echo \"{jar_plain} is missing\" >&2; exit 1; }}; \
+        "cd {dir} || exit 1; test -f {jar} || {{ printf '%s is missing\\n' {jar_full} >&2; exit 1; }}; \
          cur=$(readlink current 2>/dev/null); mkdir -p .roller || exit 1; \
          if [ -n \"$cur\" ] && [ \"$cur\" != {target} ]; then printf '%s\\n' \"$cur\" > .roller/previous || exit 1; fi; \
          ln -sfn {target} .roller/current.new && mv -T .roller/current.new current",
         dir = quote(&app.dir),
         jar = quote(&format!("{target}/{}", app.jar_name)),
-        jar_plain = format!("{}/{target}/{}", app.dir, app.jar_name).replace('"', ""),
+        jar_full = quote(&format!("{}/{target}/{}", app.dir, app.jar_name)),
         target = quote(&target),
     )
 }
@@ -190,7 +189,7 @@ mod tests {
         let cmd = switch(&app("/opt/shop"), "v2");
         assert_eq!(
             cmd,
-            "cd /opt/shop || exit 1; test -f releases/v2/app.jar || { echo \"/opt/shop/releases/v2/app.jar is missing\" >&2; exit 1; }; \
+            "cd /opt/shop || exit 1; test -f releases/v2/app.jar || { printf '%s is missing\\n' /opt/shop/releases/v2/app.jar >&2; exit 1; }; \
              cur=$(readlink current 2>/dev/null); mkdir -p .roller || exit 1; \
              if [ -n \"$cur\" ] && [ \"$cur\" != releases/v2 ]; then printf '%s\\n' \"$cur\" > .roller/previous || exit 1; fi; \
              ln -sfn releases/v2 .roller/current.new && mv -T .roller/current.new current"
@@ -279,6 +278,23 @@ mod tests {
             "a timer stopped the slot a later switch made live"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn messages_print_values_as_data_never_as_shell_text() {
+        let hostile = app("/opt/$(touch /tmp/pwned)\"`id`");
+        for cmd in [
+            switch(&hostile, "v2"),
+            switch_link(&hostile, "current-blue", "v2"),
+        ] {
+            assert!(
+                cmd.contains(
+                    "printf '%s is missing\\n' '/opt/$(touch /tmp/pwned)\"`id`/releases/v2/app.jar'"
+                ),
+                "{cmd}"
+            );
+            assert!(!cmd.contains("echo \""), "{cmd}");
+        }
     }
 
     #[test]

@@ -91,7 +91,7 @@ name = "web 3"
     assert_eq!(
         problems(text),
         vec![
-            "ssh.conect_timeout: unknown key (expected one of: user, port, identity, known_hosts, connect_timeout)",
+            "ssh.conect_timeout: unknown key (expected one of: user, port, identity, known_hosts, connect_timeout, allow_sha1_rsa)",
             "ssh.port: must be between 1 and 65535, got 70000",
             "app.port: must be an integer, got string",
             "app.keep_releases: must be between 2 and 1000, got 1",
@@ -137,4 +137,44 @@ fn a_missing_inventory_file_is_named() {
     let err = Inventory::load(std::path::Path::new("/nonexistent/roller.toml")).unwrap_err();
     let text = err.to_string();
     assert!(text.contains("/nonexistent/roller.toml"), "{text}");
+}
+
+#[test]
+fn the_lock_host_is_the_same_whatever_the_order_of_the_load_balancers() {
+    let with = |hosts: &str, extra: &str| {
+        MINIMAL.replace(
+            "hosts = [\"10.0.0.5\"]",
+            &format!("hosts = {hosts}\n{extra}"),
+        )
+    };
+    let forward = Inventory::parse(&with(r#"["10.0.0.7", "10.0.0.5", "10.0.0.6"]"#, "")).unwrap();
+    let reverse = Inventory::parse(&with(r#"["10.0.0.6", "10.0.0.5", "10.0.0.7"]"#, "")).unwrap();
+    assert_eq!(forward.balancer.lock_host, "10.0.0.5");
+    assert_eq!(reverse.balancer.lock_host, "10.0.0.5");
+    assert_eq!(
+        forward.balancer.lock_lease,
+        std::time::Duration::from_secs(60)
+    );
+
+    let chosen = Inventory::parse(&with(
+        r#"["10.0.0.7", "10.0.0.5"]"#,
+        "lock_host = \"10.0.0.7\"\nlock_lease = \"20s\"",
+    ))
+    .unwrap();
+    assert_eq!(chosen.balancer.lock_host, "10.0.0.7");
+    assert_eq!(
+        chosen.balancer.lock_lease,
+        std::time::Duration::from_secs(20)
+    );
+
+    assert_eq!(
+        problems(&with(
+            r#"["10.0.0.5"]"#,
+            "lock_host = \"10.0.0.9\"\nlock_lease = \"1s\""
+        )),
+        [
+            "balancer.lock_lease: must be at least 3s: it is renewed every third of it",
+            "balancer.lock_host: \"10.0.0.9\" is not one of balancer.hosts",
+        ]
+    );
 }

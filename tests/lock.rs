@@ -146,7 +146,7 @@ async fn a_live_lock_is_refused_at_once_and_free_again_after_release() {
     );
     match &refused {
         Err(LockError::Held { holder, now }) => {
-            assert_eq!(holder, &held);
+            assert_eq!(**holder, held);
             assert!(*now >= held.started && *now <= held.lease_until, "{now}");
         }
         other => panic!("expected Held, got {other:?}"),
@@ -431,7 +431,7 @@ async fn of_eight_concurrent_acquires_exactly_one_wins() {
     for result in &results {
         match result {
             Ok((info, how)) => assert_eq!((info, how), (winner, &Acquired::Fresh)),
-            Err(LockError::Held { holder, .. }) => assert_eq!(holder, winner),
+            Err(LockError::Held { holder, .. }) => assert_eq!(**holder, *winner),
             Err(e) => panic!("unexpected error {e}: {results:#?}"),
         }
     }
@@ -502,7 +502,7 @@ async fn the_check_and_the_write_happen_under_the_hosts_mutex() {
     mutex.unlock().unwrap();
 
     match bounded(attempt).await.unwrap() {
-        Err(LockError::Held { holder, .. }) => assert_eq!(holder, alice),
+        Err(LockError::Held { holder, .. }) => assert_eq!(*holder, alice),
         other => panic!("expected Held by the lock written under the mutex, got {other:?}"),
     }
 }
@@ -526,7 +526,7 @@ async fn a_hostile_state_dir_stays_one_quoted_path() {
     assert_eq!(
         text,
         format!(
-            "token={}\nowner={}\npid={}\nrelease=v2\nstarted={}\nlease_until={}\n",
+            "token={}\nowner={}\npid={}\nrelease=v2\nbalancers=\nstarted={}\nlease_until={}\n",
             me.token, me.owner, me.pid, held.started, held.lease_until
         )
     );

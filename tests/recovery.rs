@@ -475,3 +475,133 @@ fn a_controller_paused_past_its_lease_changes_nothing_once_another_took_over() {
     assert_no_failed_requests(&traffic);
     assert_fleet_on(&fleet, "v1", "v1");
 }
+
+#[test]
+fn a_tampered_rollout_state_or_link_is_refused_naming_the_file_and_nothing_runs() {
+    let fleet = Fleet::up(FleetSpec::for_test("tampered", 2)).unwrap();
+    let inv = fleet.inventory_path();
+    let state_file = lock_file(&fleet).with_file_name("shop.rollout.json");
+    std::fs::create_dir_all(state_file.parent().unwrap()).unwrap();
+    let marker = fleet.root().join("pwned");
+    // Where an id of "../../escaped" would put the journal.
+    let escaped = journal_dir(&inv).join("escaped.jsonl");
+    let escaped_up = inv.parent().unwrap().join("escaped.jsonl");
+    let foreign = fleet.root().join("foreign.jar");
+    std::fs::write(&foreign, b"not for the hosts").unwrap();
+    let untampered = serde_json::json!({
+        "strategy": "rolling",
+        "id": "0123456789abcdef0123456789abcdef",
+        "app": "shop",
+        "release": "v2",
+        "artifact": "app-v2.jar",
+        "artifact_sha256": "ab".repeat(32),
+        "batch": "1",
+        "on_failure": "rollback-batch",
+        "max_failed_hosts": 0,
+        "controller": "ops@ci",
+        "started": 1,
+        "updated": 1,
+        "status": "running",
+        "before": { "web-1": "v1", "web-2": "v1" },
+        "hosts": { "web-1": "drained" },
+        "out_of_pool": ["web-1"],
+    });
+    let upstream = fleet.upstream_text();
+    let tampered = [
+        (
+            "before",
+            serde_json::json!({ "web-1": "v1", "web-2": format!("$(touch {})", marker.display()) }),
+        ),
+        ("id", serde_json::json!("../../escaped")),
+        ("artifact", serde_json::json!(foreign.to_str().unwrap())),
+    ];
+    for (key, value) in tampered {
+        let mut state = untampered.clone();
+        state[key] = value;
+        std::fs::write(&state_file, serde_json::to_vec_pretty(&state).unwrap()).unwrap();
+        for command in ["recover", "resume"] {
+            let run = admin(command, &inv, &[]);
+            assert_eq!(run.code, Some(3), "{command} with {key}: {}", run.stderr);
+            let message = run.error()["message"].as_str().unwrap().to_string();
+            assert!(
+                message.contains(&state_file.display().to_string()),
+                "{message}"
+            );
+            assert!(message.contains(&format!("- {key}")), "{message}");
+            assert!(run.lines.iter().all(|l| l["event"] != "step"), "{command}");
+        }
+    }
+    assert!(!marker.exists(), "the tampered release ran as a command");
+    assert!(!escaped.exists() && !escaped_up.exists());
+    assert!(!lock_file(&fleet).exists());
+    assert_eq!(fleet.upstream_text(), upstream);
+
+    // A `current` link on a host is read back too: one that names no release stops pre-flight.
+    std::fs::remove_file(&state_file).unwrap();
+    let link = fleet.host_dir("web-2").join("shop/current");
+    std::fs::remove_file(&link).unwrap();
+    let target = format!("releases/$(touch {})", marker.display());
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let v2 = fleet.jar(&JarSpec::healthy("v2")).unwrap();
+    let run = rollout(&inv, &v2, "v2", "1");
+    assert_eq!(run.code, Some(3), "{}", run.stderr);
+    let message = run.error()["message"].as_str().unwrap().to_string();
+    assert!(message.contains("web-2"), "{message}");
+    assert!(message.contains("shop/current points at"), "{message}");
+    assert!(run.touched("switch").is_empty());
+    assert!(!marker.exists());
+    assert_eq!(fleet.upstream_text(), upstream);
+    assert_eq!(fleet.live_release("web-1").as_deref(), Some("v1"));
+}
+
+/// The fleet's inventory with `balancer.hosts` and `balancer.state_dir` replaced, as `name`.
+fn inventory_with_balancers(fleet: &Fleet, name: &str, hosts: &[&str]) -> PathBuf {
+    let text = std::fs::read_to_string(fleet.inventory_path()).unwrap();
+    let mut doc: toml::Table = text.parse().unwrap();
+    let balancer = doc["balancer"].as_table_mut().unwrap();
+    balancer.insert(
+        "hosts".into(),
+        toml::Value::Array(hosts.iter().map(|h| toml::Value::from(*h)).collect()),
+    );
+    // Relative: in each host's own session directory, so that two load balancers share a
+    // lock only if both inventories pick the same one to hold it.
+    balancer.insert("state_dir".into(), "roller-state".into());
+    let path = fleet.root().join(name);
+    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn inventories_naming_the_load_balancers_in_another_order_share_one_lock() {
+    let fleet = Fleet::up(FleetSpec::for_test("lb-order", 2)).unwrap();
+    // A second "load balancer": web-2's sshd, on this machine, drives the same nginx.
+    let (lb, other) = (fleet.lb_address(), fleet.host_address("web-2"));
+    let forward = inventory_with_balancers(&fleet, "forward.toml", &[&lb, &other]);
+    let reverse = inventory_with_balancers(&fleet, "reverse.toml", &[&other, &lb]);
+    let fewer = inventory_with_balancers(&fleet, "fewer.toml", &[&lb]);
+    let v2 = slow(&fleet, "v2", 6000);
+    let v3 = fleet.jar(&JarSpec::healthy("v3")).unwrap();
+
+    let mut first = Running::start(&rollout_args(&forward, &v2, "v2", "1", &[]));
+    first.wait_for_step("health-check", "web-1", "started");
+    let second = roller(&rollout_args(&reverse, &v3, "v3", "1", &[]));
+    assert_eq!(second.code, Some(7), "{}", second.stderr);
+    let message = second.error()["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains(&format!("pid {}", first.pid())),
+        "{message}"
+    );
+    // Another set of load balancers for the same app is refused, showing both sets.
+    let third = roller(&rollout_args(&fewer, &v3, "v3", "1", &[]));
+    assert_eq!(third.code, Some(7), "{}", third.stderr);
+    let message = third.error()["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains(&format!("[{lb},{other}]")) && message.contains(&format!("[{lb}]")),
+        "{message}"
+    );
+    assert!(second.touched("switch").is_empty() && third.touched("switch").is_empty());
+
+    let first = first.finish();
+    assert_eq!(first.code, Some(0), "{}", first.stderr);
+    assert_fleet_on(&fleet, "v2", "v2");
+}

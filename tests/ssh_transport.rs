@@ -608,3 +608,109 @@ async fn agent_child() {
     let out = ssh.exec("echo via agent", None, DEADLINE).await.unwrap();
     assert_eq!(out.stdout_text(), "via agent");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_host_key_is_refused_even_when_a_plain_line_lists_it() {
+    let host = start_host(20, false);
+    let recorded = std::fs::read_to_string(&host.known_hosts).unwrap();
+    let plain = recorded.lines().next().unwrap().to_string();
+    // `@revoked <hosts> <type> <key>`: the same key, revoked for every host.
+    let mut fields = plain.split_whitespace().skip(1);
+    let (kind, key) = (fields.next().unwrap(), fields.next().unwrap());
+    std::fs::write(
+        &host.known_hosts,
+        format!("{plain}\n# compromised\n@revoked * {kind} {key}\n"),
+    )
+    .unwrap();
+
+    let result = SshConnector::new(host.settings())
+        .unwrap()
+        .connect(&host.endpoint())
+        .await;
+    match result {
+        Err(TransportError::HostKeyRevoked { line, .. }) => assert_eq!(line, 3),
+        Err(other) => panic!("expected HostKeyRevoked, got {other:?}"),
+        Ok(_) => panic!("expected HostKeyRevoked, got a session"),
+    }
+    assert!(!host.sshd_log().contains("Accepted"), "{}", host.sshd_log());
+
+    // Without the @revoked line the same file is accepted: the refusal is the marker's doing.
+    std::fs::write(&host.known_hosts, format!("{plain}\n")).unwrap();
+    let session = SshConnector::new(host.settings())
+        .unwrap()
+        .connect(&host.endpoint())
+        .await
+        .unwrap();
+    session.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_key_known_only_through_a_cert_authority_is_refused_clearly() {
+    let host = start_host(21, false);
+    let ca = generate_client_key(&host.dir.path().join("ca")).unwrap();
+    std::fs::write(
+        &host.known_hosts,
+        format!("@cert-authority * {}\n", ca.public_key_line),
+    )
+    .unwrap();
+    let result = SshConnector::new(host.settings())
+        .unwrap()
+        .connect(&host.endpoint())
+        .await;
+    match result {
+        Err(e) => assert!(
+            e.to_string().contains("does not accept host certificates"),
+            "{e}"
+        ),
+        Ok(_) => panic!("expected a refusal, got a session"),
+    }
+}
+
+/// Peak resident memory of this process, from /proc.
+fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_printing_a_gigabyte_fails_with_the_memory_bounded() {
+    let host = start_host(22, false);
+    let session = host.connect().await;
+    let before = peak_rss_bytes();
+    let started = Instant::now();
+    let result = session
+        .exec(
+            "head -c 1000000000 /dev/zero",
+            None,
+            Duration::from_secs(120),
+        )
+        .await;
+    match &result {
+        Err(TransportError::Channel(message)) => {
+            assert!(message.contains("printed more than"), "{message}")
+        }
+        other => panic!("expected the output cap, got {other:?}"),
+    }
+    // Without the cap it would hold the whole gigabyte; the margin leaves room for other
+    // tests of this binary running at the same time (one uploads 100 MB).
+    let grown = peak_rss_bytes().saturating_sub(before);
+    assert!(
+        grown < 512 << 20,
+        "the controller grew by {} MiB",
+        grown >> 20
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+    // The session is still usable after the cap cut the command off.
+    let out = session.exec("echo ok", None, DEADLINE).await.unwrap();
+    assert_eq!(out.stdout_text(), "ok");
+    session.close().await;
+}

@@ -69,9 +69,25 @@ impl ExecOutput {
         String::from_utf8_lossy(&self.stdout).trim_end().to_string()
     }
 
+    /// For messages: a host's stderr reaches the operator's terminal, so control characters
+    /// (escape sequences that could rewrite the screen) are shown escaped.
     pub fn stderr_text(&self) -> String {
-        String::from_utf8_lossy(&self.stderr).trim_end().to_string()
+        printable(String::from_utf8_lossy(&self.stderr).trim_end())
     }
+}
+
+/// `text` with every control character but newline and tab escaped (`\u{1b}`), so that text
+/// from a host cannot drive the terminal it is printed on.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Why talking to a host failed. Host-key problems are separate variants because they are
@@ -90,6 +106,15 @@ pub enum TransportError {
         "host key for {host} does not match {known_hosts} line {line} ({fingerprint}): possible man-in-the-middle, refusing to connect"
     )]
     HostKeyChanged {
+        host: String,
+        fingerprint: String,
+        known_hosts: String,
+        line: usize,
+    },
+    #[error(
+        "host key for {host} is revoked in {known_hosts} line {line} ({fingerprint}): refusing to connect"
+    )]
+    HostKeyRevoked {
         host: String,
         fingerprint: String,
         known_hosts: String,

@@ -202,6 +202,7 @@ impl Reconnecting {
                 Err(
                     e @ (TransportError::HostKeyUnknown { .. }
                     | TransportError::HostKeyChanged { .. }
+                    | TransportError::HostKeyRevoked { .. }
                     | TransportError::Auth { .. }),
                 ) => {
                     tracing::warn!(host = %name, error = %e, "reconnect refused; not retrying");

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use russh::client::{self, Msg};
+use russh::Channel;
+use russh::client::{self, ChannelOpenHandle, Msg};
 use russh::keys::agent::AgentIdentity;
 use russh::keys::agent::client::AgentClient;
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
@@ -48,6 +49,11 @@ const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// Larger than the SSH packet size so each write hands russh many packets at once; russh slices
 /// `Bytes` without copying, so the chunk size costs no memory.
 const STDIN_CHUNK: usize = 256 * 1024;
+/// The most output kept from one command, per stream: far above what any command roller sends
+/// prints (a canary's access-log slice is bounded below it).
+pub const MAX_OUTPUT: usize = 64 << 20;
+/// How long closing a connection may take: the goodbye is a courtesy, not worth a hang.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
 /// An HTTP status line longer than this is not from the service we are checking.
 const MAX_STATUS_LINE: usize = 8 * 1024;
 
@@ -63,6 +69,9 @@ pub struct SshSettings {
     pub connect_timeout: Duration,
     pub max_channels_per_host: usize,
     pub max_concurrent_connects: usize,
+    /// Accept `ssh-rsa` host-key signatures, which use SHA-1; off unless the inventory opts in
+    /// (`ssh.allow_sha1_rsa`), as in OpenSSH since 8.8.
+    pub allow_sha1_rsa: bool,
 }
 
 impl SshSettings {
@@ -75,6 +84,7 @@ impl SshSettings {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_channels_per_host: DEFAULT_MAX_CHANNELS_PER_HOST,
             max_concurrent_connects: DEFAULT_MAX_CONCURRENT_CONNECTS,
+            allow_sha1_rsa: false,
         }
     }
 }
@@ -129,6 +139,15 @@ impl SshConnector {
             keepalive_max: KEEPALIVE_MAX,
             preferred: russh::Preferred {
                 cipher: std::borrow::Cow::Borrowed(CIPHERS),
+                key: russh::Preferred::DEFAULT
+                    .key
+                    .iter()
+                    .filter(|a| {
+                        settings.allow_sha1_rsa || **a != russh::keys::Algorithm::Rsa { hash: None }
+                    })
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .into(),
                 ..Default::default()
             },
             ..Default::default()
@@ -393,6 +412,20 @@ impl HostKeyPolicy {
     fn check(&self, key: &PublicKey) -> Result<(), TransportError> {
         let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
         let known_hosts = self.known_hosts.display().to_string();
+        // russh skips lines with markers; OpenSSH refuses a revoked key whatever else lists
+        // it, so they are read first.
+        let markers = marker_lines(&self.known_hosts);
+        if let Some(m) = markers
+            .iter()
+            .find(|m| m.marker == "@revoked" && m.key.as_ref() == Some(key.key_data()))
+        {
+            return Err(TransportError::HostKeyRevoked {
+                host: self.host_label(),
+                fingerprint,
+                known_hosts,
+                line: m.line,
+            });
+        }
         let recorded = russh::keys::known_hosts::known_host_keys_path(
             &self.host,
             self.port,
@@ -420,12 +453,53 @@ impl HostKeyPolicy {
                 known_hosts,
             });
         }
+        if let Some(m) = markers.iter().find(|m| m.marker == "@cert-authority") {
+            return Err(TransportError::Connect(format!(
+                "host key for {} is not in {known_hosts} ({fingerprint}), and roller does not accept host certificates: \
+                 the @cert-authority line {} is not used; list the host's own key instead",
+                self.host_label(),
+                m.line
+            )));
+        }
         Err(TransportError::HostKeyUnknown {
             host: self.host_label(),
             fingerprint,
             known_hosts,
         })
     }
+}
+
+/// A known_hosts line with a marker (`@revoked`, `@cert-authority`).
+struct MarkerLine {
+    /// 1-based, counting every line as editors do.
+    line: usize,
+    marker: String,
+    /// `None` when the key does not parse: such a line can match no key.
+    key: Option<russh::keys::ssh_key::public::KeyData>,
+}
+
+fn marker_lines(path: &Path) -> Vec<MarkerLine> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .enumerate()
+        .filter_map(|(index, line)| {
+            let mut fields = line.split_whitespace();
+            let marker = fields.next().filter(|m| m.starts_with('@'))?;
+            let _hosts = fields.next();
+            let _algorithm = fields.next();
+            let key = fields
+                .next()
+                .and_then(|k| russh::keys::parse_public_key_base64(k).ok())
+                .map(|k| k.key_data().clone());
+            Some(MarkerLine {
+                line: index + 1,
+                marker: marker.to_string(),
+                key,
+            })
+        })
+        .collect()
 }
 
 /// russh numbers known_hosts lines without counting `#` comments; editors and OpenSSH count them.
@@ -469,6 +543,95 @@ impl client::Handler for HostKeyPolicy {
             }
         }
     }
+
+    // roller opens every channel it uses; one the server opens (agent or X11 forwarding, a
+    // forwarded port) is never wanted, and russh would accept it by default.
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        _connected_address: &str,
+        _connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_channel(reply, "forwarded-tcpip").await
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        _socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_channel(reply, "forwarded-streamlocal").await
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_channel(reply, "agent forwarding").await
+    }
+
+    async fn server_channel_open_x11(
+        &mut self,
+        _channel: Channel<Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_channel(reply, "x11").await
+    }
+
+    async fn server_channel_open_session(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_channel(reply, "session").await
+    }
+
+    async fn server_channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        _host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_channel(reply, "direct-tcpip").await
+    }
+
+    async fn server_channel_open_direct_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        _socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_channel(reply, "direct-streamlocal").await
+    }
+}
+
+async fn refuse_channel(reply: ChannelOpenHandle, kind: &str) -> Result<(), russh::Error> {
+    tracing::warn!(
+        kind,
+        "the server opened a channel roller never asked for; refused"
+    );
+    reply
+        .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+        .await;
+    Ok(())
 }
 
 /// Exponential backoff with jitter, so hosts refused together do not retry together.
@@ -661,9 +824,11 @@ impl SshTransport {
                 message = reader.wait() => message,
             };
             match message {
-                Some(ChannelMsg::Data { data }) => output.stdout.extend_from_slice(&data),
+                Some(ChannelMsg::Data { data }) => {
+                    self.capture(&mut output.stdout, &data, "stdout")?
+                }
                 Some(ChannelMsg::ExtendedData { data, ext: 1 }) => {
-                    output.stderr.extend_from_slice(&data)
+                    self.capture(&mut output.stderr, &data, "stderr")?
                 }
                 Some(ChannelMsg::ExitStatus { exit_status }) => output.status = Some(exit_status),
                 Some(ChannelMsg::Failure) => {
@@ -690,6 +855,21 @@ impl SshTransport {
                 Some(_) => {}
             }
         }
+    }
+
+    /// Keeps a command's output, up to [`MAX_OUTPUT`]: a host that prints without end must
+    /// fail its step, not grow the controller until it dies. Past the cap the channel is closed
+    /// (with SIGTERM) as the error drops it.
+    fn capture(&self, into: &mut Vec<u8>, data: &[u8], stream: &str) -> Result<(), TransportError> {
+        if into.len() + data.len() > MAX_OUTPUT {
+            return Err(TransportError::Channel(format!(
+                "{}: the command printed more than {} MiB on {stream}; stopped it",
+                self.name,
+                MAX_OUTPUT >> 20
+            )));
+        }
+        into.extend_from_slice(data);
+        Ok(())
     }
 
     async fn http_get_inner(
@@ -851,10 +1031,12 @@ impl Transport for SshTransport {
     async fn close(&self) {
         // Closing the semaphore makes every later call fail fast with `Disconnected`.
         self.channels.close();
-        let _ = self
+        let goodbye = self
             .handle
-            .disconnect(Disconnect::ByApplication, "roller done", "en")
-            .await;
+            .disconnect(Disconnect::ByApplication, "roller done", "en");
+        if tokio::time::timeout(CLOSE_DEADLINE, goodbye).await.is_err() {
+            tracing::debug!(host = %self.name, "no goodbye within {CLOSE_DEADLINE:?}; dropping the connection");
+        }
     }
 }
 
