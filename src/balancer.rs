@@ -125,10 +125,16 @@ impl Balancer for Nginx {
         // The reload is confirmed by waiting for a worker the master did not have before:
         // `nginx -s reload` returns before the new workers exist, and draining before they do
         // would wait on connections the old configuration is still opening.
+        // The file is replaced where it really lives (a symlink stays a symlink), by a rename
+        // from temporary files of this command's own (`mktemp`, so two writers never share
+        // one) in the same directory, keeping its mode and, where allowed, its owner.
         format!(
-            "f={file}; n=\"$f.roller-new\"; p=\"$f.roller-prev\"; \
+            "f={file}; r=$(readlink -f -- \"$f\") && [ -n \"$r\" ] && f=$r; \
+             n=$(mktemp \"$f.roller-new.XXXXXX\") || exit 1; p=$(mktemp \"$f.roller-prev.XXXXXX\") || {{ rm -f \"$n\"; exit 1; }}; \
+             trap 'rm -f \"$n\" \"$p\"' EXIT; \
              cat > \"$n\" || exit 1; \
-             if [ -e \"$f\" ]; then cp -p \"$f\" \"$p\" || exit 1; else rm -f \"$p\"; fi; \
+             if [ -e \"$f\" ]; then chmod --reference=\"$f\" \"$n\" && cp -p \"$f\" \"$p\" || exit 1; chown --reference=\"$f\" \"$n\" 2>/dev/null; \
+             else chmod 644 \"$n\"; rm -f \"$p\"; fi; \
              mv -f \"$n\" \"$f\" || exit 1; \
              m=$(cat {pid} 2>/dev/null); \
              if [ -z \"$m\" ] || [ ! -d \"/proc/$m\" ]; then echo \"nginx master from \"{pid}\" is not running\" >&2; \

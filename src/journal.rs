@@ -221,13 +221,15 @@ pub fn state_file(state_dir: &str, app: &str) -> String {
     format!("{state_dir}/{app}.rollout.json")
 }
 
-/// Replaces the summary atomically with the JSON on stdin.
+/// Replaces the summary atomically with the JSON on stdin, through a temporary file of its own
+/// in the same directory (`mktemp`: two writers never share one), readable by the SSH user only.
 pub fn write_state_command(state_dir: &str, app: &str) -> String {
     let file = state_file(state_dir, app);
     format!(
-        "mkdir -p {dir} && cat > {tmp} && mv -f {tmp} {file}",
+        "umask 077; mkdir -p -m 700 {dir} && t=$(mktemp {template}) && \
+         {{ cat > \"$t\" && mv -f \"$t\" {file} || {{ rm -f \"$t\"; exit 1; }}; }}",
         dir = quote(state_dir),
-        tmp = quote(&format!("{file}.new")),
+        template = quote(&format!("{file}.XXXXXX")),
         file = quote(&file),
     )
 }
@@ -256,11 +258,22 @@ impl Journal {
         }
     }
 
+    /// Opens (or creates) `<dir>/<app>/<id>.jsonl`: 0600 in a 0700 directory, since a journal
+    /// tells who deploys what where.
     pub fn create(dir: &Path, app: &str, id: &str) -> std::io::Result<Journal> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
         let dir = dir.join(app);
-        std::fs::create_dir_all(&dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
         let path = dir.join(format!("{id}.jsonl"));
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)?;
         Ok(Journal {
             path,
             file: Mutex::new(file),
@@ -333,7 +346,8 @@ mod tests {
     fn state_commands_quote_the_directory() {
         assert_eq!(
             write_state_command("/etc/nginx/my dir", "shop"),
-            "mkdir -p '/etc/nginx/my dir' && cat > '/etc/nginx/my dir/shop.rollout.json.new' && mv -f '/etc/nginx/my dir/shop.rollout.json.new' '/etc/nginx/my dir/shop.rollout.json'"
+            "umask 077; mkdir -p -m 700 '/etc/nginx/my dir' && t=$(mktemp '/etc/nginx/my dir/shop.rollout.json.XXXXXX') && \
+             { cat > \"$t\" && mv -f \"$t\" '/etc/nginx/my dir/shop.rollout.json' || { rm -f \"$t\"; exit 1; }; }"
         );
     }
 
@@ -366,5 +380,9 @@ mod tests {
         drop(journal);
         let path = dir.path().join(format!("shop/{}.jsonl", state.id));
         assert_eq!(Journal::last_state(&path).unwrap(), Some(state));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
     }
 }

@@ -225,7 +225,7 @@ fn timestamp(unix: u64) -> String {
 /// the command (it is released when the shell exits and closes fd 9).
 fn locked_prologue(spec: &LockSpec, create: bool) -> String {
     let missing = if create {
-        "mkdir -p -- \"$d\" 2>/dev/null; ".to_string()
+        "mkdir -p -m 700 -- \"$d\" 2>/dev/null; chmod 700 -- \"$d\" 2>/dev/null; ".to_string()
     } else {
         // Nothing to renew, release or remove, and no reason to create a directory for that.
         "if [ ! -d \"$d\" ]; then echo result=absent; exit 0; fi; ".to_string()
@@ -233,9 +233,10 @@ fn locked_prologue(spec: &LockSpec, create: bool) -> String {
     mutex_prologue(spec, &missing, SCRIPT_FAILURE)
 }
 
+/// `umask 077`: the lock, its mutex and its temporary file are the deploy tool's business only.
 fn mutex_prologue(spec: &LockSpec, missing: &str, fail: u32) -> String {
     format!(
-        "{files}{missing}\
+        "umask 077; {files}{missing}\
          if [ ! -d \"$d\" ] || [ ! -w \"$d\" ]; then printf 'lock state directory %s cannot be created or is not writable\\n' \"$d\" >&2; exit {fail}; fi; \
          command -v flock >/dev/null 2>&1 || {{ echo 'flock(1) from util-linux is not installed on the load balancer' >&2; exit {fail}; }}; \
          exec 9>>\"$f.mutex\" || exit {fail}; \
@@ -922,7 +923,7 @@ mod tests {
         assert!(cmd.contains("'v2?lease_until=99999999999'"), "{cmd}");
         assert!(cmd.contains("'eve?lease_until=1'"), "{cmd}");
         assert!(
-            cmd.starts_with("d=/srv/state; f=\"$d\"/shop.lock; "),
+            cmd.starts_with("umask 077; d=/srv/state; f=\"$d\"/shop.lock; "),
             "{cmd}"
         );
     }

@@ -521,7 +521,7 @@ async fn decide(args: &UnlockArgs, decision: &str) -> Result<u8, Error> {
             })?;
         let file = roller::plan::decision_file(&inventory);
         let command = format!(
-            "mkdir -p {} && printf '%s\\n' {} > {}",
+            "umask 077; mkdir -p -m 700 {} && printf '%s\\n' {} > {}",
             roller::remote::quote(&inventory.balancer.state_dir),
             roller::remote::quote(&format!("{decision} {}", state.id)),
             roller::remote::quote(&file)

@@ -710,3 +710,41 @@ async fn a_live_lease_whose_holder_is_provably_gone_is_taken_over() {
         "{refused:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_and_state_files_are_for_the_ssh_user_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let host = start_host(22);
+    let t = host.connect().await;
+    // A directory someone made world-readable before roller ever ran.
+    let state = host.session_dir.as_ref().unwrap().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let spec = spec("state", Duration::from_secs(60));
+    bounded(lock::acquire(&*t, &spec, &LockInfo::new_for("v2"), None))
+        .await
+        .unwrap();
+    let write = roller::journal::write_state_command("state", "shop");
+    let out = bounded(t.exec(&write, Some(Bytes::from_static(b"{}")), BOUND))
+        .await
+        .unwrap();
+    assert!(out.success(), "{out:?}");
+    let mode = |name: &str| {
+        std::fs::metadata(state.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(""), 0o700);
+    for file in ["shop.lock", "shop.lock.mutex", "shop.rollout.json"] {
+        assert_eq!(mode(file), 0o600, "{file}");
+    }
+    // Nothing but those three: the state's temporary file was renamed, not left behind.
+    let mut names: Vec<String> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["shop.lock", "shop.lock.mutex", "shop.rollout.json"]);
+}

@@ -581,6 +581,13 @@ fn inventories_naming_the_load_balancers_in_another_order_share_one_lock() {
     let fewer = inventory_with_balancers(&fleet, "fewer.toml", &[&lb]);
     let v2 = slow(&fleet, "v2", 6000);
     let v3 = fleet.jar(&JarSpec::healthy("v3")).unwrap();
+    // The upstream file is a symlink with a mode of its own: both survive the rollout.
+    use std::os::unix::fs::PermissionsExt;
+    let link = fleet.upstream_file();
+    let real = link.with_file_name("upstream-real.conf");
+    std::fs::rename(&link, &real).unwrap();
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o640)).unwrap();
 
     let mut first = Running::start(&rollout_args(&forward, &v2, "v2", "1", &[]));
     first.wait_for_step("health-check", "web-1", "started");
@@ -604,4 +611,13 @@ fn inventories_naming_the_load_balancers_in_another_order_share_one_lock() {
     let first = first.finish();
     assert_eq!(first.code, Some(0), "{}", first.stderr);
     assert_fleet_on(&fleet, "v2", "v2");
+    assert_eq!(std::fs::read_link(&link).unwrap(), real);
+    let mode = std::fs::metadata(&real).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640);
+    let leftovers: Vec<_> = std::fs::read_dir(real.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".roller-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
