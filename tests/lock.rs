@@ -611,7 +611,8 @@ async fn an_unusable_state_dir_is_a_clear_error_and_an_absolute_one_works() {
 async fn fenced_commands_run_only_while_the_lease_is_ours() {
     let host = start_host(20);
     let (a, b) = (host.connect().await, host.connect().await);
-    let short = spec("state", Duration::from_secs(3));
+    // Long enough that two commands fit in the lease's provable part on a loaded machine.
+    let short = spec("state", Duration::from_secs(10));
     let alice = LockInfo::new_for("v2");
     let bob = LockInfo::new_for("v3");
     let sent = Instant::now();
