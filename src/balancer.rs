@@ -126,18 +126,18 @@ impl Balancer for Nginx {
         // `nginx -s reload` returns before the new workers exist, and draining before they do
         // would wait on connections the old configuration is still opening.
         // The file is replaced where it really lives (a symlink stays a symlink), by a rename
-        // from temporary files of this command's own (`mktemp`, so two writers never share
-        // one) in the same directory, keeping its mode and, where allowed, its owner.
+        // from a temporary file of this command's own (`mktemp`, so two writers never share
+        // one) in the same directory, made with `cp -p` so it keeps the mode and, where
+        // allowed, the owner; the old file stays reachable through a hard link until the
+        // reload is confirmed. Few processes: this runs at every pool change.
         format!(
-            "f={file}; r=$(readlink -f -- \"$f\") && [ -n \"$r\" ] && f=$r; \
-             n=$(mktemp \"$f.roller-new.XXXXXX\") || exit 1; p=$(mktemp \"$f.roller-prev.XXXXXX\") || {{ rm -f \"$n\"; exit 1; }}; \
-             trap 'rm -f \"$n\" \"$p\"' EXIT; \
+            "f={file}; if [ -L \"$f\" ]; then r=$(readlink -f -- \"$f\") && [ -n \"$r\" ] && f=$r; fi; \
+             n=$(mktemp \"$f.roller-new.XXXXXX\") || exit 1; p=\"$n.prev\"; trap 'rm -f \"$n\" \"$p\"' EXIT; \
+             if [ -e \"$f\" ]; then cp -p \"$f\" \"$n\" && ln -f \"$f\" \"$p\" || exit 1; else chmod 644 \"$n\"; fi; \
              cat > \"$n\" || exit 1; \
-             if [ -e \"$f\" ]; then chmod --reference=\"$f\" \"$n\" && cp -p \"$f\" \"$p\" || exit 1; chown --reference=\"$f\" \"$n\" 2>/dev/null; \
-             else chmod 644 \"$n\"; rm -f \"$p\"; fi; \
              mv -f \"$n\" \"$f\" || exit 1; \
              m=$(cat {pid} 2>/dev/null); \
-             if [ -z \"$m\" ] || [ ! -d \"/proc/$m\" ]; then echo \"nginx master from \"{pid}\" is not running\" >&2; \
+             if [ -z \"$m\" ] || [ ! -d \"/proc/$m\" ]; then printf 'nginx master from %s is not running\\n' {pid} >&2; \
              if [ -e \"$p\" ]; then mv -f \"$p\" \"$f\"; else rm -f \"$f\"; fi; exit {rejected}; fi; \
              before=\" $(echo $(ps -o pid= --ppid \"$m\")) \"; \
              if ! {{ {reload}; }}; then \
@@ -158,8 +158,8 @@ impl Balancer for Nginx {
     fn test_command(&self) -> String {
         format!(
             "{test} || exit 1; m=$(cat {pid} 2>/dev/null); \
-             if [ -z \"$m\" ] || [ ! -d \"/proc/$m\" ]; then echo \"nginx master from \"{pid}\" is not running\" >&2; exit 1; fi; \
-             f={file}; d=$(dirname \"$f\"); test -w \"$d\" || {{ echo \"$d is not writable\" >&2; exit 1; }}; \
+             if [ -z \"$m\" ] || [ ! -d \"/proc/$m\" ]; then printf 'nginx master from %s is not running\\n' {pid} >&2; exit 1; fi; \
+             f={file}; if [ -L \"$f\" ]; then r=$(readlink -f -- \"$f\") && [ -n \"$r\" ] && f=$r; fi; d=$(dirname \"$f\"); test -w \"$d\" || {{ echo \"$d is not writable\" >&2; exit 1; }}; \
              cat \"$f\" 2>/dev/null; exit 0",
             test = self.config.test,
             pid = quote(&self.config.pid_file),

@@ -464,7 +464,9 @@ pub fn holder_is_gone(holder: &LockInfo) -> bool {
     let (Some(theirs), Some(ours)) = (host(&holder.owner), host(&local_owner())) else {
         return false;
     };
+    // A token that is not one roller makes is not a lock roller took: never take it over.
     theirs == ours
+        && crate::journal::is_id(&holder.token)
         && holder.pid != 0
         && holder.pid != std::process::id()
         && !std::path::Path::new(&format!("/proc/{}", holder.pid)).exists()
@@ -766,7 +768,7 @@ impl Fence {
     pub fn guard(&self, command: &str) -> String {
         format!(
             "{prologue}tok={token}; cur=; exp=0; \
-             if [ -f \"$f\" ]; then {READ_TOKEN}exp=$(sed -n 's/^lease_until=//p' \"$f\"); fi; \
+             if [ -f \"$f\" ]; then while IFS='=' read -r k v; do case $k in token) cur=$v;; lease_until) exp=$v;; esac; done < \"$f\"; fi; \
              case $exp in ''|*[!0-9]*) exp=0;; esac; \
              if [ \"$cur\" != \"$tok\" ] || [ \"$exp\" -lt \"$now\" ]; then \
              echo 'fenced out: this controller no longer holds the deploy lock; another one may have taken over' >&2; exit {fenced}; fi; \

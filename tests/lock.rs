@@ -697,6 +697,10 @@ async fn a_live_lease_whose_holder_is_provably_gone_is_taken_over() {
     let mut elsewhere = held.clone();
     elsewhere.owner = "ops@another-machine".into();
     assert!(!lock::holder_is_gone(&elsewhere));
+    // Nor is a lock whose token roller never made.
+    let mut forged = held.clone();
+    forged.token = "$(reboot)".into();
+    assert!(!lock::holder_is_gone(&forged));
 
     let (taken, how) = bounded(lock::take_over_gone(&*b, &spec, &me, &held))
         .await
