@@ -231,4 +231,17 @@ mod tests {
         }
         assert!(ran.len() >= 3, "{ran:?}");
     }
+
+    #[test]
+    fn text_from_a_host_cannot_drive_the_terminal() {
+        let out = ExecOutput {
+            status: Some(1),
+            stdout: vec![],
+            stderr: b"\x1b]0;owned\x07line one\r\n\tline two\x1b[2J\n".to_vec(),
+        };
+        assert_eq!(
+            out.stderr_text(),
+            "\\u{1b}]0;owned\\u{7}line one\\r\n\tline two\\u{1b}[2J"
+        );
+    }
 }

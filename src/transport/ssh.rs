@@ -139,15 +139,7 @@ impl SshConnector {
             keepalive_max: KEEPALIVE_MAX,
             preferred: russh::Preferred {
                 cipher: std::borrow::Cow::Borrowed(CIPHERS),
-                key: russh::Preferred::DEFAULT
-                    .key
-                    .iter()
-                    .filter(|a| {
-                        settings.allow_sha1_rsa || **a != russh::keys::Algorithm::Rsa { hash: None }
-                    })
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .into(),
+                key: host_key_algorithms(settings.allow_sha1_rsa).into(),
                 ..Default::default()
             },
             ..Default::default()
@@ -385,6 +377,17 @@ fn load_identity(user: &str, path: &Path) -> Result<PrivateKey, TransportError> 
         ),
         other => fail(format!("not a usable private key: {other}")),
     })
+}
+
+/// The host-key algorithms offered, best first: russh's defaults, without SHA-1 `ssh-rsa`
+/// unless the inventory allows it, as OpenSSH does since 8.8.
+fn host_key_algorithms(allow_sha1_rsa: bool) -> Vec<russh::keys::Algorithm> {
+    russh::Preferred::DEFAULT
+        .key
+        .iter()
+        .filter(|a| allow_sha1_rsa || **a != russh::keys::Algorithm::Rsa { hash: None })
+        .cloned()
+        .collect()
 }
 
 /// Strict known_hosts policy, run by russh during key exchange.
@@ -1055,6 +1058,19 @@ mod tests {
         assert_eq!(parse_status_line("SSH-2.0-OpenSSH_9.2"), None);
         assert_eq!(parse_status_line("HTTP/1.1 20 OK"), None);
         assert_eq!(parse_status_line(""), None);
+    }
+
+    #[test]
+    fn sha1_rsa_host_keys_only_when_the_inventory_allows_them() {
+        use russh::keys::Algorithm;
+        let sha1 = Algorithm::Rsa { hash: None };
+        let sha512 = Algorithm::Rsa {
+            hash: Some(HashAlg::Sha512),
+        };
+        let strict = host_key_algorithms(false);
+        assert!(!strict.contains(&sha1), "{strict:?}");
+        assert!(strict.contains(&sha512) && strict.contains(&Algorithm::Ed25519));
+        assert!(host_key_algorithms(true).contains(&sha1));
     }
 
     #[test]
