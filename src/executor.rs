@@ -99,12 +99,14 @@ pub fn endpoints(inv: &Inventory) -> Vec<Endpoint> {
             name: h.name.clone(),
             address: h.address.clone(),
             port: inv.ssh.port,
+            user: h.user.clone(),
         })
         .collect();
     endpoints.extend(inv.balancer.hosts.iter().map(|lb| Endpoint {
         name: lb.clone(),
         address: lb.clone(),
         port: inv.ssh.port,
+        user: None,
     }));
     endpoints
 }

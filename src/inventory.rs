@@ -209,6 +209,9 @@ impl MinHealthy {
 pub struct Host {
     pub name: String,
     pub address: String,
+    /// The SSH login on this host, when it is not `ssh.user`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 pub(crate) mod human {
@@ -904,8 +907,12 @@ impl Reader {
                 self.problem(section, format!("must be a table, got {}", item.type_str()));
                 continue;
             };
-            self.unknown_keys(&section, t, &["name", "address"]);
+            self.unknown_keys(&section, t, &["name", "address", "user"]);
             let name = self.word(t, &section, "name", None);
+            let user = t
+                .contains_key("user")
+                .then(|| self.word(t, &section, "user", None))
+                .filter(|u| !u.is_empty());
             let address = self.string(t, &section, "address", None);
             if !address.is_empty() && !is_address(&address) {
                 self.problem(
@@ -929,7 +936,11 @@ impl Reader {
                     format!("duplicate {address:?} (also hosts[{first}].address)"),
                 );
             }
-            hosts.push(Host { name, address });
+            hosts.push(Host {
+                name,
+                address,
+                user,
+            });
         }
         hosts
     }

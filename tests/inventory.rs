@@ -24,6 +24,8 @@ fn the_example_inventory_is_valid_and_means_what_its_comments_say() {
     );
     assert_eq!(inv.hosts.len(), 2);
     assert_eq!(inv.hosts[1].name, "web-2");
+    assert_eq!(inv.hosts[0].user, None, "ssh.user applies");
+    assert_eq!(inv.hosts[1].user.as_deref(), Some("ubuntu"));
 }
 
 fn problems(text: &str) -> Vec<String> {
@@ -87,6 +89,7 @@ name = "web-1"
 address = "10.0.1.11"
 [[hosts]]
 name = "web 3"
+user = "ec2 user"
 "#;
     assert_eq!(
         problems(text),
@@ -101,6 +104,7 @@ name = "web 3"
             "hosts[1].name: duplicate \"web-1\" (also hosts[0].name)",
             "hosts[1].address: duplicate \"10.0.1.11\" (also hosts[0].address)",
             "hosts[2].name: \"web 3\" may only contain letters, digits, '.', '_' and '-'",
+            "hosts[2].user: \"ec2 user\" may only contain letters, digits, '.', '_' and '-'",
             "hosts[2].address: missing",
         ]
     );

@@ -602,6 +602,7 @@ async fn agent_child() {
             name: "agent-host".into(),
             address,
             port,
+            user: None,
         })
         .await
         .unwrap();

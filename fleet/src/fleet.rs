@@ -14,6 +14,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +27,7 @@ use crate::jar::{self, JarSpec};
 use crate::nginx::{self, Nginx};
 use crate::proc::{self, shell_quote};
 use crate::sshd::{self, Sshd, SshdSpec};
+use crate::users::{self, Account};
 
 pub const LB_NAME: &str = "lb";
 pub const APP_DIR: &str = "shop";
@@ -318,6 +320,9 @@ struct HostState {
     /// The host's filesystem root: its sshd's session directory.
     dir: PathBuf,
     sshd_pid: Option<u32>,
+    /// Who logs in on this host, when not the current user: see [`users`].
+    #[serde(default)]
+    login: Option<Account>,
 }
 
 impl HostState {
@@ -409,7 +414,14 @@ impl Fleet {
         let java = proc::find_jdk_tool("java")?;
         let nginx_bin = proc::find_program("nginx")?;
         let user = current_user()?;
-        let (lb, hosts) = layout(&spec);
+        let (lb, mut hosts) = layout(&spec);
+        // The LB (and a single-machine app host, which is the LB) keeps the current user, who
+        // owns nginx; app hosts log in as production hosts do, with a mix of login shells.
+        if users::is_root() && spec.mode != Mode::BlueGreenSingle {
+            for (host, login) in hosts.iter_mut().zip(users::MIX.iter().cycle()) {
+                host.login = Some(users::ensure(*login)?);
+            }
+        }
         // From here on an error drops `fleet`, which stops whatever was already started.
         let mut fleet = Fleet {
             state: State {
@@ -430,11 +442,16 @@ impl Fleet {
         let key = sshd::generate_client_key(&fleet.identity_path())?;
         let authorized_keys = root.join("keys").join("authorized_keys");
         std::fs::write(&authorized_keys, format!("{}\n", key.public_key_line))?;
+        // sshd reads it as the user logging in.
+        std::fs::set_permissions(&authorized_keys, std::fs::Permissions::from_mode(0o644))?;
 
         let v1 = fleet.jar(&JarSpec::healthy(INITIAL_RELEASE))?;
         std::fs::create_dir_all(&fleet.state.lb.dir)?;
         for host in &fleet.state.hosts {
             install_host(host, &fleet.state, &v1)?;
+            if let Some(login) = &host.login {
+                users::chown_tree(&host.dir, login.uid, login.gid)?;
+            }
         }
 
         let mut known_hosts = String::new();
@@ -576,9 +593,18 @@ impl Fleet {
         self.root().join("keys").join("id_ed25519")
     }
 
-    /// The SSH login name: the current user, since every sshd runs as this user's machine.
+    /// The SSH login name of the load balancer: the current user, who runs nginx.
     pub fn user(&self) -> &str {
         &self.state.user
+    }
+
+    /// The SSH login name of an app host (or [`LB_NAME`]): a user with one of the login shells
+    /// of [`users::MIX`] when the fleet runs as root, else the current user.
+    pub fn host_user(&self, host: &str) -> String {
+        self.host(host)
+            .login
+            .as_ref()
+            .map_or_else(|| self.state.user.clone(), |l| l.user.clone())
     }
 
     /// App hosts only (`web-1`, ...); the load-balancer host is [`LB_NAME`].
@@ -1134,6 +1160,9 @@ impl Fleet {
                 q(&host.name),
                 q(&host.address)
             ));
+            if let Some(login) = &host.login {
+                text.push_str(&format!("user = {}\n", q(&login.user)));
+            }
         }
         text
     }
@@ -1155,6 +1184,7 @@ fn layout(spec: &FleetSpec) -> (HostState, Vec<HostState>) {
         address: spec.lb_address(),
         dir: root.join("lb"),
         sshd_pid: None,
+        login: None,
     };
     let hosts = if spec.mode == Mode::BlueGreenSingle {
         // The same machine as the LB: roller reaches it through the LB's sshd and finds
@@ -1170,6 +1200,7 @@ fn layout(spec: &FleetSpec) -> (HostState, Vec<HostState>) {
                 address: spec.host_address(i),
                 dir: root.join("hosts").join(format!("web-{}", i + 1)),
                 sshd_pid: None,
+                login: None,
             })
             .collect()
     };
@@ -1273,11 +1304,17 @@ fn install_host(host: &HostState, state: &State, v1: &Path) -> anyhow::Result<()
 /// Runs a host script (`args[0]`, relative to the host's directory) as roller would, from the
 /// host's directory.
 fn run_script(host: &HostState, args: &[&str]) -> anyhow::Result<()> {
-    proc::run(
-        Command::new("/bin/sh").args(args).current_dir(&host.dir),
-        RESTART_SCRIPT_TIMEOUT,
-    )?
-    .check(&format!("{} on {}", args.join(" "), host.name))?;
+    let mut command = Command::new("/bin/sh");
+    command.args(args).current_dir(&host.dir);
+    // As the host's user, who must be able to stop and restart what this starts.
+    if let Some(login) = &host.login {
+        command.uid(login.uid).gid(login.gid);
+    }
+    proc::run(&mut command, RESTART_SCRIPT_TIMEOUT)?.check(&format!(
+        "{} on {}",
+        args.join(" "),
+        host.name
+    ))?;
     Ok(())
 }
 

@@ -10,6 +10,7 @@ pub mod load;
 pub mod nginx;
 pub mod proc;
 pub mod sshd;
+pub mod users;
 
 use std::path::PathBuf;
 

@@ -170,6 +170,8 @@ pub struct Endpoint {
     pub name: String,
     pub address: String,
     pub port: u16,
+    /// The login name, when it is not the connector's default.
+    pub user: Option<String>,
 }
 
 /// Opens sessions. One call per host per rollout: the session is kept for the whole rollout.

@@ -194,7 +194,10 @@ impl SshConnector {
         handle: &mut client::Handle<HostKeyPolicy>,
         endpoint: &Endpoint,
     ) -> Result<(), Attempt> {
-        let user = self.settings.user.clone();
+        let user = endpoint
+            .user
+            .clone()
+            .unwrap_or_else(|| self.settings.user.clone());
         let auth_error = |detail: String| {
             Attempt::Fatal(TransportError::Auth {
                 user: user.clone(),

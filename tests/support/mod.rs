@@ -90,6 +90,7 @@ impl Host {
             name: format!("host-{}", self.sshd.address()),
             address: self.sshd.address().to_string(),
             port: self.sshd.port(),
+            user: None,
         }
     }
 
