@@ -58,6 +58,17 @@ pub enum Error {
     /// Talking to the load balancer about the lock or the rollout state failed.
     #[error("{0}")]
     State(String),
+    /// `roller switch-back` (or `recover` of a blue-green release) found the slot it would
+    /// send traffic to silent on some hosts, and changed nothing.
+    #[error(
+        "switch-back refused: {slot} does not answer on {} (stopped after keep_old, or down); traffic stays on {live}",
+        hosts.join(", ")
+    )]
+    SwitchBackRefused {
+        slot: String,
+        live: String,
+        hosts: Vec<String>,
+    },
 }
 
 fn list<T: std::fmt::Display>(items: &[T]) -> String {

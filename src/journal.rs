@@ -92,6 +92,9 @@ pub struct RolloutState {
     /// The load balancers of the inventory that ran it, sorted.
     #[serde(default)]
     pub balancers: Vec<String>,
+    /// Blue-green: the slot that had traffic at pre-flight, where `recover` sends it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_slot: Option<crate::inventory::Slot>,
 }
 
 /// Whether `s` is what [`crate::lock::new_id`] makes: 32 lowercase hex digits.
@@ -368,6 +371,7 @@ mod tests {
             started: 1,
             updated: 1,
             status: Status::Running,
+            live_slot: None,
             before: BTreeMap::new(),
             hosts: BTreeMap::from([("web-1".to_string(), Progress::Drained)]),
             out_of_pool: vec!["web-1".into()],

@@ -224,7 +224,10 @@ fn exit_code(error: &Error) -> u8 {
         | Error::Inventory { .. }
         | Error::Usage { .. }
         | Error::Artifact { .. } => exit::BAD_INPUT,
-        Error::Preflight { .. } | Error::Unfinished(_) | Error::State(_) => exit::PREFLIGHT,
+        Error::Preflight { .. }
+        | Error::Unfinished(_)
+        | Error::State(_)
+        | Error::SwitchBackRefused { .. } => exit::PREFLIGHT,
         Error::Locked(_) => exit::LOCKED,
     }
 }
@@ -256,6 +259,9 @@ fn report_error(error: &Error, output: Output) {
             Error::Locked(_) => serde_json::json!({ "kind": "locked" }),
             Error::Unfinished(_) => serde_json::json!({ "kind": "unfinished" }),
             Error::State(_) => serde_json::json!({ "kind": "state" }),
+            Error::SwitchBackRefused { slot, live, hosts } => serde_json::json!({
+                "kind": "switch-back-refused", "slot": slot, "live": live, "hosts": hosts
+            }),
         };
         println!(
             "{}",
@@ -440,12 +446,6 @@ async fn resume_command(args: &ResumeArgs, recover: bool) -> Result<u8, Error> {
         (None, false) => None,
     };
     inventory.strategy = state.strategy;
-    if recover && state.strategy == Strategy::BlueGreen {
-        return Err(Error::Usage {
-            flag: "recover".into(),
-            message: "a blue-green release is undone with `roller switch-back`".into(),
-        });
-    }
     let on_failure = match state.on_failure.as_str() {
         "rollback-all" => FailurePolicy::RollbackAll,
         "halt" => FailurePolicy::Halt,
@@ -896,6 +896,50 @@ async fn locked(
     result
 }
 
+/// A switch-back only moves traffic, so the slot it moves traffic to must answer on every host
+/// already. One probe per host, all at once; when any is silent nothing changes, and the
+/// operator is told so in words rather than as a failed rollout.
+async fn refuse_silent_slot(
+    inv: &Inventory,
+    sessions: &executor::Sessions,
+    live: roller::inventory::Slot,
+) -> Result<(), Error> {
+    use roller::health::{HealthCheck, HealthSpec};
+    let Some(bg) = inv.blue_green.as_ref() else {
+        return Ok(());
+    };
+    let back = live.other();
+    let probes = inv.hosts.iter().map(|h| async move {
+        let spec = HealthSpec {
+            timeout: inv.health.interval.max(Duration::from_secs(2)),
+            successes: 1,
+            ..HealthSpec::wait(&h.address, bg.port(back), inv)
+        };
+        let answered = match sessions.get(&h.name) {
+            Some(session) => HttpOverSsh
+                .probe(session.as_ref(), &spec, spec.timeout)
+                .await
+                .is_ok(),
+            None => false,
+        };
+        (h.name.clone(), answered)
+    });
+    let silent: Vec<String> = futures::future::join_all(probes)
+        .await
+        .into_iter()
+        .filter(|(_, answered)| !answered)
+        .map(|(host, _)| host)
+        .collect();
+    if silent.is_empty() {
+        return Ok(());
+    }
+    Err(Error::SwitchBackRefused {
+        slot: back.as_str().to_string(),
+        live: live.as_str().to_string(),
+        hosts: silent,
+    })
+}
+
 async fn with_lock(
     job: &Job,
     sessions: &executor::Sessions,
@@ -982,6 +1026,7 @@ async fn with_lock(
             .collect();
         before_prior = Some(p.before.clone());
     }
+    let live_slot_before = previous.as_ref().and_then(|p| p.live_slot);
 
     let reporter = reporter(job, &journal);
     let observed = executor::preflight(
@@ -1010,8 +1055,33 @@ async fn with_lock(
     };
     let live_slot = observed.live_slot(inv);
     let plan = match (&job.kind, live_slot) {
-        (JobKind::SwitchBack, Some(live)) => Plan::switch_back(inv, &job.balancer, live)?,
+        (JobKind::SwitchBack, Some(live)) => {
+            refuse_silent_slot(inv, sessions, live).await?;
+            Plan::switch_back(inv, &job.balancer, live)?
+        }
         (JobKind::SwitchBack, None) => unreachable!("pre-flight fails when no slot is live"),
+        // A blue-green release only ever moved traffic between slots: recovering it moves
+        // traffic back to the slot that had it at pre-flight, if it is not there already.
+        (JobKind::Recover(s), Some(live)) if s.strategy == Strategy::BlueGreen => {
+            let Some(before) = s.live_slot else {
+                return Err(Error::Unfinished(format!(
+                    "rollout {} of {} recorded no live slot, so roller cannot tell where traffic was before it; traffic is on {}: run `roller switch-back --inventory {}` to move it to {}",
+                    s.id,
+                    s.release,
+                    live.as_str(),
+                    job.inventory_path.display(),
+                    live.other().as_str()
+                )));
+            };
+            let mut plan = Plan::switch_back(inv, &job.balancer, live)?;
+            if before == live {
+                // Traffic never moved, or moved back already: nothing to change.
+                plan.batches.clear();
+            } else {
+                refuse_silent_slot(inv, sessions, live).await?;
+            }
+            plan
+        }
         _ => Plan::build(PlanInput {
             inventory: inv,
             balancer: &job.balancer,
@@ -1084,6 +1154,7 @@ async fn with_lock(
         hosts: BTreeMap::new(),
         out_of_pool: Vec::new(),
         balancers,
+        live_slot: live_slot_before.or(live_slot),
     };
     let sink = StateSink {
         session: sessions[&inv.balancer.lock_host].clone(),

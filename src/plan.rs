@@ -852,12 +852,20 @@ impl Plan {
                 .map(|h| (h.name.clone(), release.clone()))
                 .collect()
         };
+        let finish = if done_everywhere {
+            Vec::new()
+        } else {
+            per_host(&|_| Action::Run {
+                command: remote::prune_slots(app),
+            })
+        };
         Ok(Plan {
             live_slot: Some(live),
             artifact,
             skipped,
             targets,
             stage: phase(PhaseName::Stage, stage),
+            finish: phase(PhaseName::Prune, finish),
             batches,
             ..Plan::base(inv, balancer, release, Strategy::BlueGreen)
         })

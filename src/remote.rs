@@ -160,6 +160,20 @@ pub fn prune(app: &AppConfig) -> String {
     )
 }
 
+/// Blue-green: removes the oldest releases beyond `keep_releases`, never counting or removing
+/// one that a slot's link (`current-blue`, `current-green`) or `current` points at: both slots'
+/// releases are kept on top of `keep_releases`.
+pub fn prune_slots(app: &AppConfig) -> String {
+    format!(
+        "cd {dir}/releases || exit 1; \
+         keep=\" $(for l in current current-blue current-green; do t=$(readlink \"../$l\") && printf '%s ' \"${{t##*/}}\"; done) \"; \
+         ls -1t | while IFS= read -r r; do case \"$keep\" in *\" $r \"*) ;; *) printf '%s\\n' \"$r\";; esac; done | \
+         tail -n +{first} | while IFS= read -r r; do rm -rf -- \"$r\" && echo \"$r\"; done",
+        dir = quote(&app.dir),
+        first = app.keep_releases + 1,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,6 +291,45 @@ mod tests {
             !stopped("blue").exists(),
             "a timer stopped the slot a later switch made live"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// On a real directory, under sh: the releases both slots point at survive on top of
+    /// `keep_releases`, and the oldest of the others go.
+    #[test]
+    fn prune_slots_keeps_both_slots_plus_keep_releases() {
+        let dir = std::env::temp_dir().join(format!("roller-prune-slots-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let releases = dir.join("releases");
+        // Oldest first; modification times one second apart so that `ls -t` orders them.
+        for (i, r) in ["v1", "v2", "v3", "v4", "v5"].iter().enumerate() {
+            let path = releases.join(r);
+            std::fs::create_dir_all(&path).unwrap();
+            let status = std::process::Command::new("touch")
+                .arg("-d")
+                .arg(format!("@{}", 1_700_000_000 + i as u64))
+                .arg(&path)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        std::os::unix::fs::symlink("releases/v1", dir.join("current-blue")).unwrap();
+        std::os::unix::fs::symlink("releases/v5", dir.join("current-green")).unwrap();
+        let mut app = app(dir.to_str().unwrap());
+        app.keep_releases = 2;
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(prune_slots(&app))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let mut left: Vec<String> = std::fs::read_dir(&releases)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["v1", "v3", "v4", "v5"]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "v2\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
