@@ -176,6 +176,16 @@ impl Observation {
             _ => None,
         }
     }
+
+    /// Blue-green on a fleet that still runs one process per host: every load balancer sends
+    /// traffic to `app.port`, which is neither slot's port.
+    pub fn adopting(&self, inv: &Inventory) -> bool {
+        inv.blue_green.as_ref().is_some_and(|bg| {
+            self.live_port == Some(inv.app.port)
+                && inv.app.port != bg.blue_port
+                && inv.app.port != bg.green_port
+        })
+    }
 }
 
 /// Runs pre-flight on every host and load balancer and returns what it found: each host's
@@ -282,7 +292,26 @@ pub async fn preflight(
         live_port,
     };
     let live_slot = observation.live_slot(inv);
-    if inv.strategy == Strategy::BlueGreen && failures.is_empty() && live_slot.is_none() {
+    let adopt_stop = inv
+        .blue_green
+        .as_ref()
+        .and_then(|bg| bg.adopt_stop.as_ref());
+    if inv.strategy == Strategy::BlueGreen
+        && failures.is_empty()
+        && live_slot.is_none()
+        && observation.adopting(inv)
+    {
+        if adopt_stop.is_none() {
+            failures.push(HostFailure {
+                host: inv.balancer.hosts[0].clone(),
+                step: "preflight".into(),
+                message: format!(
+                    "the upstream files send traffic to app.port {}, a single-port deployment: to adopt blue-green, set blue_green.adopt_stop to the command that stops that process; the first blue-green release then starts in the blue slots, moves traffic there, and runs it after keep_old (README: Adopting blue-green)",
+                    inv.app.port
+                ),
+            });
+        }
+    } else if inv.strategy == Strategy::BlueGreen && failures.is_empty() && live_slot.is_none() {
         failures.push(HostFailure {
             host: inv.balancer.hosts[0].clone(),
             step: "preflight".into(),

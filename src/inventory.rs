@@ -65,6 +65,11 @@ pub struct BlueGreenConfig {
     /// How long the old slots keep running after a switch, for an instant switch-back.
     #[serde(with = "human")]
     pub keep_old: Duration,
+    /// Adopting blue-green on a running single-port deployment: stops the process on
+    /// `app.port` once the first blue-green release has moved traffic to the blue slots, after
+    /// `keep_old`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adopt_stop: Option<String>,
 }
 
 impl BlueGreenConfig {
@@ -434,7 +439,7 @@ impl Inventory {
 
         let blue_green = r
             .optional_section(&root, "blue_green")
-            .map(|t| r.blue_green(t));
+            .map(|t| r.blue_green(t, app.port));
         if strategy == Strategy::BlueGreen && blue_green.is_none() {
             r.problem(
                 "blue_green",
@@ -690,12 +695,20 @@ impl Reader {
         }
     }
 
-    fn blue_green(&mut self, t: &Table) -> BlueGreenConfig {
+    /// `app_port` is `app.port`, which adoption moves traffic away from.
+    fn blue_green(&mut self, t: &Table, app_port: u16) -> BlueGreenConfig {
         let s = "blue_green";
         self.unknown_keys(
             s,
             t,
-            &["blue_port", "green_port", "restart", "stop", "keep_old"],
+            &[
+                "blue_port",
+                "green_port",
+                "restart",
+                "stop",
+                "keep_old",
+                "adopt_stop",
+            ],
         );
         let config = BlueGreenConfig {
             blue_port: self.port(t, s, "blue_port", Some(8081)),
@@ -703,7 +716,15 @@ impl Reader {
             restart: self.string(t, s, "restart", None),
             stop: self.string(t, s, "stop", None),
             keep_old: self.duration(t, s, "keep_old", Some("10m")),
+            adopt_stop: self.optional_string(t, s, "adopt_stop"),
         };
+        let port = app_port;
+        if config.adopt_stop.is_some() && (port == config.blue_port || port == config.green_port) {
+            self.problem(
+                "blue_green.adopt_stop",
+                format!("adopting needs app.port ({port}) to differ from both slots' ports, which the old process would still hold"),
+            );
+        }
         if config.blue_port == config.green_port {
             self.problem(
                 "blue_green.green_port",

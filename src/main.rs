@@ -304,6 +304,7 @@ fn plan_command(args: &PlanArgs) -> Result<u8, Error> {
         strategy: inventory.strategy,
         live_slot: None,
         pause: false,
+        adopt: false,
     })?;
     match args.common.output {
         Output::Text => print!("{}", plan.render_text()),
@@ -1094,6 +1095,7 @@ async fn with_lock(
             strategy: inv.strategy,
             live_slot,
             pause: job.pause,
+            adopt: observed.adopting(inv),
         })?,
     };
     if let Some(targets) = &recover_targets {

@@ -355,6 +355,9 @@ pub struct PlanInput<'a> {
     pub live_slot: Option<Slot>,
     /// Canary: wait for `roller promote` or `roller abort` after the last hold.
     pub pause: bool,
+    /// Blue-green: traffic goes to `app.port`, a single-port deployment that this release
+    /// adopts (see [`crate::executor::Observation::adopting`]).
+    pub adopt: bool,
 }
 
 impl Plan {
@@ -429,6 +432,7 @@ impl Plan {
             strategy,
             live_slot: _,
             pause,
+            adopt: _,
         } = input;
         validate_release(&release)?;
         let total = inv.hosts.len();
@@ -745,6 +749,7 @@ impl Plan {
             artifact,
             observed,
             live_slot,
+            adopt,
             ..
         } = input;
         validate_release(&release)?;
@@ -754,17 +759,31 @@ impl Plan {
         })?;
         let app = &inv.app;
         let live = live_slot.unwrap_or(Slot::Blue);
-        let idle = live.other();
+        // Adopting a single-port deployment: blue is the first slot, and what it replaces is
+        // the process on app.port, stopped by adopt_stop.
+        let idle = if adopt { Slot::Blue } else { live.other() };
+        let stop_old = match (adopt, &bg.adopt_stop) {
+            (false, _) => bg.command(&bg.stop, live),
+            (true, Some(stop)) => stop.clone(),
+            (true, None) => {
+                return Err(Error::Usage {
+                    flag: "blue_green.adopt_stop".into(),
+                    message: "traffic goes to app.port: set it to the command that stops that process to adopt blue-green".into(),
+                });
+            }
+        };
         let link = format!("current-{}", idle.as_str());
         let all: Vec<&Host> = inv.hosts.iter().collect();
         let per_host = |action: &dyn Fn(&Host) -> Action| app_steps(all.iter().copied(), action);
         let phase = |name, steps| Phase { name, steps };
-        let done_everywhere = observed.is_some_and(|o| {
-            all.iter().all(|h| {
-                o.get(&h.name)
-                    .is_some_and(|o| o.healthy && o.release.as_deref() == Some(release.as_str()))
-            })
-        });
+        let done_everywhere = !adopt
+            && observed.is_some_and(|o| {
+                all.iter().all(|h| {
+                    o.get(&h.name).is_some_and(|o| {
+                        o.healthy && o.release.as_deref() == Some(release.as_str())
+                    })
+                })
+            });
         let skipped: Vec<Skipped> = if done_everywhere {
             all.iter()
                 .map(|h| Skipped {
@@ -819,12 +838,7 @@ impl Plan {
                     phase(
                         PhaseName::KeepOld,
                         per_host(&|_| Action::Run {
-                            command: remote::keep_old(
-                                app,
-                                idle.as_str(),
-                                &bg.command(&bg.stop, live),
-                                bg.keep_old,
-                            ),
+                            command: remote::keep_old(app, idle.as_str(), &stop_old, bg.keep_old),
                         }),
                     ),
                 ],
@@ -833,7 +847,18 @@ impl Plan {
                 rollback: vec![
                     phase(
                         PhaseName::SwitchTraffic,
-                        pool_steps(inv, balancer, traffic_to(live)),
+                        pool_steps(
+                            inv,
+                            balancer,
+                            if adopt {
+                                Pool {
+                                    port: Some(app.port),
+                                    ..Pool::default()
+                                }
+                            } else {
+                                traffic_to(live)
+                            },
+                        ),
                     ),
                     phase(
                         PhaseName::StopSlot,
@@ -860,7 +885,7 @@ impl Plan {
             })
         };
         Ok(Plan {
-            live_slot: Some(live),
+            live_slot: (!adopt).then_some(live),
             artifact,
             skipped,
             targets,

@@ -257,6 +257,7 @@ async fn rollout_full(
         strategy: inventory.strategy,
         live_slot: None,
         pause: false,
+        adopt: false,
     })
     .unwrap();
     let exec = Executor::new(ExecutorInput {

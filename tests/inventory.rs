@@ -182,3 +182,22 @@ fn the_lock_host_is_the_same_whatever_the_order_of_the_load_balancers() {
         ]
     );
 }
+
+#[test]
+fn adopting_blue_green_needs_app_port_apart_from_both_slots() {
+    let text = format!(
+        "strategy = \"blue-green\"\n{MINIMAL}\n[blue_green]\nblue_port = 8080\nrestart = \"r {{slot}}\"\nstop = \"s {{slot}}\"\nadopt_stop = \"systemctl stop shop\"\n"
+    );
+    assert_eq!(
+        problems(&text),
+        vec![
+            "blue_green.adopt_stop: adopting needs app.port (8080) to differ from both slots' ports, which the old process would still hold"
+        ]
+    );
+    let fine = text.replace("blue_port = 8080", "blue_port = 8081");
+    let inv = Inventory::parse(&fine).unwrap();
+    assert_eq!(
+        inv.blue_green.unwrap().adopt_stop.as_deref(),
+        Some("systemctl stop shop")
+    );
+}

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use e2e::*;
-use roller_fleet::{Behaviour, Fleet, FleetSpec, JarSpec, Load, LoadReport, Mode};
+use roller_fleet::{
+    Behaviour, Fleet, FleetSpec, JarSpec, Load, LoadReport, Mode, RESTART_SLOT, STOP, STOP_SLOT,
+};
 
 fn blue_green(test: &str, hosts: usize) -> Fleet {
     Fleet::up(FleetSpec::for_test(test, hosts).with_mode(Mode::BlueGreen)).unwrap()
@@ -197,6 +199,92 @@ fn old_slots_stop_after_keep_old_switch_back_to_them_is_refused_and_recover_goes
     assert_fleet_on(&fleet, "v3", "v3");
     // Closed: nothing is left to recover.
     assert_eq!(admin("recover", &inv, &[]).code, Some(3));
+}
+
+/// A fleet running one process per host on app.port moves to blue-green with its first
+/// blue-green release: refused with the way forward until `blue_green.adopt_stop` is set, then
+/// the release starts in blue, moves traffic there, and stops the single process after
+/// keep_old, with no failed request.
+#[test]
+fn a_running_single_port_fleet_adopts_blue_green_without_failing_a_request() {
+    let fleet = Fleet::up(FleetSpec::for_test("bg-adopt", 2)).unwrap();
+    let adopting = |adopt_stop: Option<&str>| -> PathBuf {
+        let text = std::fs::read_to_string(fleet.inventory_path()).unwrap();
+        let mut doc: toml::Table = text.parse().unwrap();
+        doc.insert("strategy".into(), "blue-green".into());
+        let mut bg = toml::Table::new();
+        bg.insert("restart".into(), format!("{RESTART_SLOT} {{slot}}").into());
+        bg.insert("stop".into(), format!("{STOP_SLOT} {{slot}}").into());
+        bg.insert("keep_old".into(), "10s".into());
+        if let Some(stop) = adopt_stop {
+            bg.insert("adopt_stop".into(), stop.into());
+        }
+        doc.insert("blue_green".into(), bg.into());
+        let path = fleet.root().join("inventory-adopt.toml");
+        std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
+        path
+    };
+    let v2 = fleet.jar(&JarSpec::healthy("v2")).unwrap();
+    let single: Vec<Option<u32>> = fleet
+        .host_names()
+        .iter()
+        .map(|h| fleet.app_pid(h))
+        .collect();
+    assert!(single.iter().all(Option::is_some));
+    let upstream = fleet.upstream_text();
+    let load = start_load(&fleet);
+
+    let refused = rollout(&adopting(None), &v2, "v2", "1");
+    assert_eq!(refused.code, Some(3), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("set blue_green.adopt_stop"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(fleet.upstream_text(), upstream);
+
+    let run = rollout(&adopting(Some(STOP)), &v2, "v2", "1");
+    let after_switch = fleet.access_log_len();
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let blue = format!(":{}", fleet.slot_port("blue"));
+    for host in fleet.host_names() {
+        assert_eq!(fleet.slot_version(&host, "blue").as_deref(), Some("v2"));
+    }
+    // The single process keeps running for keep_old, like any old slot.
+    let now: Vec<Option<u32>> = fleet
+        .host_names()
+        .iter()
+        .map(|h| fleet.app_pid(h))
+        .collect();
+    assert_eq!(
+        now, single,
+        "the single-port process stopped before keep_old"
+    );
+    let served = load.snapshot().ok;
+    assert!(load.wait_for_requests(served + 50, Duration::from_secs(30)));
+    for (upstream, status) in fleet.served_since(after_switch) {
+        assert!(
+            upstream.ends_with(&blue) && status == 200,
+            "{upstream} {status}"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while fleet
+        .host_names()
+        .iter()
+        .any(|h| fleet.app_pid(h).is_some())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "adopt_stop never stopped the single-port process"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let traffic = load.stop();
+    assert_no_failed_requests(&traffic);
+    for host in fleet.host_names() {
+        assert_eq!(fleet.slot_version(&host, "blue").as_deref(), Some("v2"));
+    }
 }
 
 #[test]

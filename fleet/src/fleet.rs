@@ -36,7 +36,11 @@ pub const RESTART: &str = "bin/restart";
 /// Blue-green modes: `bin/restart-slot blue|green` (re)starts one slot of the app.
 pub const RESTART_SLOT: &str = "bin/restart-slot";
 /// Blue-green modes: `bin/stop-slot blue|green` stops one slot; fine when it is not running.
+/// Rolling fleets have both slot scripts too, so that they can adopt blue-green.
 pub const STOP_SLOT: &str = "bin/stop-slot";
+/// Rolling mode: `bin/stop` stops the single JVM, as `blue_green.adopt_stop` does once a
+/// first blue-green release has moved its traffic to the blue slots.
+pub const STOP: &str = "bin/stop";
 /// The two slots of an app host in blue-green modes; `up` starts the first one.
 pub const SLOTS: [&str; 2] = ["blue", "green"];
 /// The one app host of [`Mode::BlueGreenSingle`], which lives on the LB host.
@@ -147,6 +151,8 @@ impl FleetSpec {
     /// The port of `slot` ("blue" or "green"). Panics on any other name.
     pub fn slot_port(&self, slot: &str) -> u16 {
         match slot {
+            // A rolling fleet's app_port is the single port that blue-green adopts from.
+            "blue" if !self.mode.is_blue_green() => BLUE_PORT,
             "blue" => self.app_port,
             "green" => self.green_port,
             other => panic!("no slot {other:?}: slots are blue and green"),
@@ -1280,12 +1286,21 @@ fn install_host(host: &HostState, state: &State, v1: &Path) -> anyhow::Result<()
             ],
         )
     } else {
+        let ports = (spec.slot_port(SLOTS[0]), spec.slot_port(SLOTS[1]));
         (
             "current".to_string(),
-            vec![(
-                RESTART,
-                restart_script(&state.java, &host.address, spec.app_port),
-            )],
+            vec![
+                (
+                    RESTART,
+                    restart_script(&state.java, &host.address, spec.app_port),
+                ),
+                (STOP, stop_script()),
+                (
+                    RESTART_SLOT,
+                    restart_slot_script(&state.java, &host.address, ports),
+                ),
+                (STOP_SLOT, stop_slot_script(ports)),
+            ],
         )
     };
     // Relative, as roller writes it, so the host directory can be inspected or moved.
@@ -1448,6 +1463,36 @@ echo "started pid $!"
         java = shell_quote(java),
         address = shell_quote(address),
     )
+}
+
+/// The host's `bin/stop` in rolling mode: stops the single JVM, draining as a restart does;
+/// fine when it is not running.
+fn stop_script() -> String {
+    r#"#!/bin/sh
+# Stops the demo service's single JVM on this local fleet host (the one bin/restart starts).
+set -u
+cd "$(dirname "$0")/.." || exit 1
+here=$(pwd -P)
+
+ours() {
+    [ -r "/proc/$1/stat" ] || return 1
+    state=$(sed -e 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -c1)
+    case "$state" in ''|Z|X) return 1 ;; esac
+    [ "$(readlink "/proc/$1/cwd" 2>/dev/null)" = "$here" ]
+}
+
+[ -s app.pid ] || exit 0
+old=$(cat app.pid)
+if ours "$old"; then
+    echo "$(date -u +%FT%TZ) [stop] stopping pid $old" >>app.log
+    kill -TERM "$old" 2>/dev/null
+    waited=0
+    while ours "$old" && [ "$waited" -lt 300 ]; do sleep 0.1; waited=$((waited + 1)); done
+    ours "$old" && kill -KILL "$old" 2>/dev/null
+fi
+rm -f app.pid
+"#
+    .to_string()
 }
 
 /// What `bin/restart-slot` and `bin/stop-slot` share: argument check, paths, and stopping the

@@ -15,8 +15,8 @@ pub mod users;
 use std::path::PathBuf;
 
 pub use fleet::{
-    Fleet, FleetSpec, HostStatus, Mode, RESTART_SLOT, Role, SINGLE_APP_NAME, SLOTS, STOP_SLOT,
-    SlotStatus,
+    Fleet, FleetSpec, HostStatus, Mode, RESTART_SLOT, Role, SINGLE_APP_NAME, SLOTS, STOP,
+    STOP_SLOT, SlotStatus,
 };
 pub use jar::{Behaviour, JarSpec, build_jar};
 pub use load::{Load, LoadOptions, LoadReport};
