@@ -80,6 +80,11 @@ pub struct Account {
 /// and returns its account. Several fleets may do this at once: a user another process just
 /// created is taken as it is.
 pub fn ensure(login: Login) -> anyhow::Result<Account> {
+    std::fs::create_dir_all(homes_dir())
+        .with_context(|| format!("creating {}", homes_dir().display()))?;
+    // Tests bring fleets up in parallel threads and processes; useradd gives up when another
+    // one holds /etc/passwd, so they take turns.
+    let _turn = Turn::take(&homes_dir().join(".lock"), Duration::from_secs(120))?;
     let user = login.user();
     let shell = proc::find_program(login.shell()).with_context(|| {
         format!(
@@ -88,8 +93,6 @@ pub fn ensure(login: Login) -> anyhow::Result<Account> {
         )
     })?;
     let home = homes_dir().join(user);
-    std::fs::create_dir_all(homes_dir())
-        .with_context(|| format!("creating {}", homes_dir().display()))?;
     match entry(user)? {
         None => {
             // '*' rather than useradd's locked '!': without PAM, sshd refuses locked accounts
@@ -147,6 +150,34 @@ pub fn chown_tree(dir: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// An exclusive `flock` on a file, held until dropped (closing the file releases it).
+struct Turn {
+    _file: std::fs::File,
+}
+
+impl Turn {
+    fn take(path: &Path, timeout: Duration) -> anyhow::Result<Turn> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            // SAFETY: flock on a descriptor this function owns; no memory is involved.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(Turn { _file: file });
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!("{} stayed locked for {timeout:?}", path.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 pub fn is_root() -> bool {
