@@ -35,6 +35,12 @@ impl Pool {
 pub const APPLY_REJECTED: u32 = 3;
 pub const APPLY_UNCONFIRMED: u32 = 4;
 
+/// How long a pool change waits for nginx's old workers to stop accepting: `CONFIRM_POLLS`
+/// looks at its workers, `CONFIRM_POLL` seconds apart. nginx swaps generations in
+/// milliseconds; ten seconds is for a load balancer that is busy.
+const CONFIRM_POLLS: u32 = 500;
+const CONFIRM_POLL: f64 = 0.02;
+
 pub trait Balancer: Send + Sync {
     /// The configuration that puts exactly the hosts outside `pool.down` in rotation.
     fn render(&self, pool: &Pool) -> String;
@@ -67,6 +73,19 @@ impl Nginx {
             hosts: hosts.to_vec(),
             app_port: app.port,
         }
+    }
+
+    /// Shell text that sets `m` to the master's PID from `pid_file`, or prints why it cannot
+    /// and runs the caller's text up to its closing `}`: any process can own a stale PID, so
+    /// the process title must be nginx's master's.
+    fn master_check(&self) -> String {
+        format!(
+            "m=$(cat {pid} 2>/dev/null); \
+             case \"$(tr '\\0' ' ' < \"/proc/${{m:-0}}/cmdline\" 2>/dev/null)\" in \"nginx: master process\"*) ;; \
+             *) printf 'no nginx master runs with the PID in %s (%s); check balancer.pid_file\\n' {pid} \"${{m:-no PID}}\" >&2; \
+             false ;; esac || {{ ",
+            pid = quote(&self.config.pid_file),
+        )
     }
 
     fn socket(&self, host: &Host) -> String {
@@ -122,9 +141,14 @@ impl Balancer for Nginx {
     }
 
     fn apply_command(&self) -> String {
-        // The reload is confirmed by waiting for a worker the master did not have before:
-        // `nginx -s reload` returns before the new workers exist, and draining before they do
-        // would wait on connections the old configuration is still opening.
+        // A reload is applied only once nothing routes with the old pool: nginx starts a whole
+        // new generation of workers, and only then tells the old ones to quit; until each old
+        // worker has read that, it keeps accepting connections and sending them to the old
+        // pool. An old worker calls itself "worker process is shutting down" from the moment it
+        // closes its listening sockets, so the pool change holds once every worker from before
+        // the reload has exited or says so, and as many new workers as there were old ones
+        // accept. Cache manager and loader children are not workers and are left out.
+        // A reload that never reached nginx restores the old file, so nothing is half-changed.
         // The file is replaced where it really lives (a symlink stays a symlink), by a rename
         // from a temporary file of this command's own (`mktemp`, so two writers never share
         // one) in the same directory, made with `cp -p` so it keeps the mode and, where
@@ -136,33 +160,42 @@ impl Balancer for Nginx {
              if [ -e \"$f\" ]; then cp -p \"$f\" \"$n\" && ln -f \"$f\" \"$p\" || exit 1; else chmod 644 \"$n\"; fi; \
              cat > \"$n\" || exit 1; \
              mv -f \"$n\" \"$f\" || exit 1; \
-             m=$(cat {pid} 2>/dev/null); \
-             if [ -z \"$m\" ] || [ ! -d \"/proc/$m\" ]; then printf 'nginx master from %s is not running\\n' {pid} >&2; \
-             if [ -e \"$p\" ]; then mv -f \"$p\" \"$f\"; else rm -f \"$f\"; fi; exit {rejected}; fi; \
-             before=\" $(echo $(ps -o pid= --ppid \"$m\")) \"; \
-             if ! {{ {reload}; }}; then \
-             if [ -e \"$p\" ]; then mv -f \"$p\" \"$f\"; else rm -f \"$f\"; fi; \
+             restore() {{ if [ -e \"$p\" ]; then mv -f \"$p\" \"$f\"; else rm -f \"$f\"; fi; }}; \
+             {master}\
+             restore; exit {rejected}; }}; \
+             accepting() {{ ps -o pid=,args= --ppid \"$m\" | sed -n 's/^ *\\([0-9][0-9]*\\) nginx: worker process$/\\1/p'; }}; \
+             old=\" $(echo $(accepting)) \"; want=$(echo $old | wc -w); [ \"$want\" -gt 0 ] || want=1; \
+             if ! {{ {reload}; }}; then restore; \
              echo 'reload failed; the previous upstream file was restored' >&2; exit {rejected}; fi; \
-             i=0; while [ $i -lt 200 ]; do \
-             for c in $(ps -o pid= --ppid \"$m\"); do case \"$before\" in *\" $c \"*) ;; *) exit 0 ;; esac; done; \
-             sleep 0.05; i=$((i+1)); done; \
-             echo 'nginx started no new workers within 10s of the reload' >&2; exit {unconfirmed}",
+             i=0; while :; do stale=; fresh=0; \
+             for c in $(accepting); do case \"$old\" in *\" $c \"*) stale=\"$stale $c\" ;; *) fresh=$((fresh+1)) ;; esac; done; \
+             [ -z \"$stale\" ] && [ $fresh -ge $want ] && exit 0; \
+             [ $i -ge {polls} ] && break; sleep {poll}; i=$((i+1)); done; \
+             if [ $fresh -eq 0 ] && [ \"$(echo $stale)\" = \"$(echo $old)\" ]; then restore; \
+             echo \"nginx did not reload within {wait}s: its workers ($(echo $old)) still run the previous configuration; check that balancer.reload signals the master in \"{pid}\"; the previous upstream file was restored\" >&2; exit {rejected}; fi; \
+             if [ -n \"$stale\" ]; then \
+             echo \"nginx workers from before the reload ($(echo $stale)) still accept connections with the previous pool {wait}s after it; set worker_shutdown_timeout in nginx.conf so that old workers cannot outlive a reload\" >&2; \
+             else echo \"only $fresh of $want new nginx workers were running {wait}s after the reload\" >&2; fi; \
+             exit {unconfirmed}",
             file = quote(&self.config.upstream_file),
+            master = self.master_check(),
             pid = quote(&self.config.pid_file),
             reload = self.config.reload,
             rejected = APPLY_REJECTED,
             unconfirmed = APPLY_UNCONFIRMED,
+            polls = CONFIRM_POLLS,
+            poll = CONFIRM_POLL,
+            wait = CONFIRM_POLLS as f64 * CONFIRM_POLL,
         )
     }
 
     fn test_command(&self) -> String {
         format!(
-            "{test} || exit 1; m=$(cat {pid} 2>/dev/null); \
-             if [ -z \"$m\" ] || [ ! -d \"/proc/$m\" ]; then printf 'nginx master from %s is not running\\n' {pid} >&2; exit 1; fi; \
+            "{test} || exit 1; {master}exit 1; }}; \
              f={file}; if [ -L \"$f\" ]; then r=$(readlink -f -- \"$f\") && [ -n \"$r\" ] && f=$r; fi; d=$(dirname \"$f\"); test -w \"$d\" || {{ echo \"$d is not writable\" >&2; exit 1; }}; \
              cat \"$f\" 2>/dev/null; exit 0",
             test = self.config.test,
-            pid = quote(&self.config.pid_file),
+            master = self.master_check(),
             file = quote(&self.config.upstream_file),
         )
     }

@@ -203,12 +203,14 @@ pub async fn preflight(
     let emit = |target: &str, state, elapsed: Option<Duration>, message: Option<String>| {
         reporter.event(&Event {
             at_ms: started.elapsed().as_millis() as u64,
+            unix_ms: crate::journal::now_ms(),
             batch: None,
             phase: PhaseName::Preflight,
             target: target.to_string(),
             state,
             elapsed_ms: elapsed.map(|e| e.as_millis() as u64),
             message,
+            down: None,
         })
     };
     let results = join_all(phase.steps.iter().map(|step| async move {
@@ -886,34 +888,20 @@ impl<'a> Executor<'a> {
                 return Ok(());
             }
             let _permit = limit.acquire().await.expect("semaphore is never closed");
-            self.emit(
-                batch,
-                phase.name,
-                &step.target,
-                StepState::Started,
-                None,
-                None,
-            );
+            self.emit_step(batch, phase.name, step, StepState::Started, None, None);
             let started = Instant::now();
             let result = self.run_step(phase.name, step).await;
             let elapsed = Some(started.elapsed());
             match result {
                 Ok(StepDone::Done) => {
-                    self.emit(
-                        batch,
-                        phase.name,
-                        &step.target,
-                        StepState::Succeeded,
-                        elapsed,
-                        None,
-                    );
+                    self.emit_step(batch, phase.name, step, StepState::Succeeded, elapsed, None);
                     Ok(())
                 }
                 Ok(StepDone::Noted(note)) => {
-                    self.emit(
+                    self.emit_step(
                         batch,
                         phase.name,
-                        &step.target,
+                        step,
                         StepState::Succeeded,
                         elapsed,
                         Some(note.clone()),
@@ -922,10 +910,10 @@ impl<'a> Executor<'a> {
                     Ok(())
                 }
                 Ok(StepDone::Skipped(why)) => {
-                    self.emit(
+                    self.emit_step(
                         batch,
                         phase.name,
-                        &step.target,
+                        step,
                         StepState::Skipped,
                         elapsed,
                         Some(why),
@@ -936,10 +924,10 @@ impl<'a> Executor<'a> {
                     message,
                     interrupted,
                 }) => {
-                    self.emit(
+                    self.emit_step(
                         batch,
                         phase.name,
-                        &step.target,
+                        step,
                         StepState::Failed,
                         elapsed,
                         Some(message.clone()),
@@ -1284,12 +1272,42 @@ impl<'a> Executor<'a> {
     ) {
         self.reporter.event(&Event {
             at_ms: self.started.elapsed().as_millis() as u64,
+            unix_ms: crate::journal::now_ms(),
             batch,
             phase,
             target: target.to_string(),
             state,
             elapsed_ms: elapsed.map(|e| e.as_millis() as u64),
             message,
+            down: None,
+        });
+    }
+
+    /// An event about a step; a pool change also says which hosts it leaves out of the pool,
+    /// so that its events can be lined up with what the load balancer did.
+    fn emit_step(
+        &self,
+        batch: Option<usize>,
+        phase: PhaseName,
+        step: &Step,
+        state: StepState,
+        elapsed: Option<Duration>,
+        message: Option<String>,
+    ) {
+        let down = match &step.action {
+            Action::SetPool { pool, .. } => Some(pool.down.iter().cloned().collect()),
+            _ => None,
+        };
+        self.reporter.event(&Event {
+            at_ms: self.started.elapsed().as_millis() as u64,
+            unix_ms: crate::journal::now_ms(),
+            batch,
+            phase,
+            target: step.target.clone(),
+            state,
+            elapsed_ms: elapsed.map(|e| e.as_millis() as u64),
+            message,
+            down,
         });
     }
 

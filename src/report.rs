@@ -26,6 +26,9 @@ pub enum StepState {
 pub struct Event {
     /// Milliseconds since the rollout started.
     pub at_ms: u64,
+    /// Wall-clock time in milliseconds since the Unix epoch, so that an event can be lined up
+    /// with the load balancer's own logs (`$msec`).
+    pub unix_ms: u64,
     pub batch: Option<usize>,
     pub phase: PhaseName,
     pub target: String,
@@ -34,6 +37,11 @@ pub struct Event {
     pub elapsed_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// A pool change: the hosts it leaves out of the pool. Once it succeeded, the load
+    /// balancer sends them no new request until the next pool change that puts them back
+    /// starts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub down: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -75,7 +75,7 @@ fn fleet(world: Arc<Mutex<World>>) -> MemoryFleet {
             let cur = w.current.get(target).cloned().unwrap_or_default();
             return ok(&format!("free_kb=9999999\ncurrent=releases/{cur}\n"));
         }
-        if cmd.contains("is not running") && !cmd.contains(".roller-new") {
+        if cmd.contains("check balancer.pid_file") && !cmd.contains(".roller-new") {
             return if w.lb_test_fails {
                 fail(1, "nginx: [emerg] unknown directive \"upstrem\"")
             } else {

@@ -181,3 +181,62 @@ fn a_host_whose_key_does_not_match_known_hosts_is_refused_before_anything_change
         assert!(!fleet.host_dir(&host).join("shop/releases/v2").exists());
     }
 }
+
+#[test]
+fn a_pid_file_or_a_reload_that_does_not_reach_nginx_is_refused_naming_the_load_balancer() {
+    let fleet = Fleet::up(FleetSpec::for_test("not-nginx", 2)).unwrap();
+    let v2 = fleet.jar(&JarSpec::healthy("v2")).unwrap();
+    let upstream_before = fleet.upstream_text();
+    let nothing_changed = |run: &e2e::Run| {
+        assert_eq!(fleet.upstream_text(), upstream_before, "{}", run.stderr);
+        for host in fleet.host_names() {
+            assert_eq!(fleet.live_release(&host).as_deref(), Some("v1"));
+        }
+        assert!(run.touched("switch").is_empty());
+    };
+
+    // A live process, but not nginx's master: web-1's sshd.
+    let pid_file = fleet.root().join("not-nginx.pid");
+    std::fs::write(&pid_file, format!("{}\n", fleet.sshd_pid("web-1"))).unwrap();
+    let inv = inventory_with(
+        &fleet,
+        &[(
+            "balancer",
+            "pid_file",
+            pid_file.to_string_lossy().into_owned().into(),
+        )],
+    );
+    let run = rollout(&inv, &v2, "v2", "1");
+    assert_eq!(run.code, Some(3), "{}", run.stderr);
+    let failure = &run.error()["error"]["failures"][0];
+    assert_eq!(failure["host"], fleet.lb_address());
+    assert!(
+        failure["message"]
+            .as_str()
+            .unwrap()
+            .contains("check balancer.pid_file"),
+        "{failure}"
+    );
+    assert!(run.touched("remove-from-pool").is_empty());
+    nothing_changed(&run);
+
+    // A reload command that succeeds without signalling nginx: the first pool change notices
+    // that the old workers still run, puts the old file back and stops there.
+    let inv = inventory_with(&fleet, &[("balancer", "reload", "true".into())]);
+    let run = rollout(&inv, &v2, "v2", "1");
+    let failure = &run.report()["failure"];
+    assert_eq!(failure["host"], fleet.lb_address(), "{}", run.stderr);
+    assert_eq!(failure["step"], "remove-from-pool");
+    assert!(
+        failure["message"]
+            .as_str()
+            .unwrap()
+            .contains("nginx did not reload"),
+        "{failure}"
+    );
+    nothing_changed(&run);
+    assert_eq!(run.code, Some(4), "{}", run.stderr);
+    for host in run.report()["hosts"].as_array().unwrap() {
+        assert_eq!(host["in_pool"], true, "{host}");
+    }
+}

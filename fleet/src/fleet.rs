@@ -783,7 +783,8 @@ impl Fleet {
         std::fs::read_to_string(self.upstream_file()).unwrap_or_default()
     }
 
-    /// nginx's access log (format `roller`: upstream, status, time, method, URI).
+    /// nginx's access log (format `roller`: upstream, status, upstream time, method, URI,
+    /// `$msec`, `$request_time`).
     pub fn access_log_path(&self) -> PathBuf {
         self.nginx().access_log()
     }

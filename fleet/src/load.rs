@@ -28,6 +28,9 @@ pub struct LoadOptions {
     pub max_duration: Duration,
     /// ...or after this many requests each.
     pub max_requests_per_client: u64,
+    /// Share of requests that are POSTs, spread evenly over each client's requests; POSTs are
+    /// what nginx does not retry on another server, so a request sent to a stopped host fails.
+    pub post_percent: u64,
 }
 
 impl LoadOptions {
@@ -38,6 +41,7 @@ impl LoadOptions {
             request_timeout: Duration::from_secs(10),
             max_duration: Duration::from_secs(600),
             max_requests_per_client: 200_000,
+            post_percent: 50,
         }
     }
 }
@@ -170,7 +174,9 @@ fn run_client(client: usize, shared: &Shared, authority: &str, path: &str, optio
         if shared.stop.load(Ordering::SeqCst) || shared.started.elapsed() > options.max_duration {
             return;
         }
-        let (method, body) = if n % 2 == 0 {
+        // Request n is a POST when it carries the running count of POSTs past a whole number.
+        let posts = |n: u64| n * options.post_percent.min(100) / 100;
+        let (method, body) = if posts(n + 1) == posts(n) {
             ("GET", None)
         } else {
             (

@@ -72,18 +72,22 @@ impl Nginx {
         // owned prefix (POST bodies go to client_body_temp); as anyone else nginx refuses to
         // switch users and warns about the directive, so it is emitted only for root.
         let user = if proc::is_root() { "user root;\n" } else { "" };
+        // Two workers, as on any real load balancer: a reload then has a generation of old
+        // workers that keep accepting for a moment, which is what roller must wait out.
+        // `$msec $request_time` (when the request ended, and for how long it ran) let a test
+        // tell when nginx sent a request to a server; roller's canary reads the first three.
         let conf = format!(
             "# Written by roller-fleet: the load balancer of a local fleet.\n\
              {user}\
              daemon on;\n\
-             worker_processes 1;\n\
+             worker_processes 2;\n\
              pid {pid};\n\
              error_log {error_log} notice;\n\
              \n\
              events {{\n    worker_connections 1024;\n}}\n\
              \n\
              http {{\n\
-             \x20   log_format roller '$upstream_addr $status $upstream_response_time $request_method $request_uri';\n\
+             \x20   log_format roller '$upstream_addr $status $upstream_response_time $request_method $request_uri $msec $request_time';\n\
              \x20   access_log {access_log} roller;\n\
              \x20   client_body_temp_path {t}/client_body;\n\
              \x20   proxy_temp_path {t}/proxy;\n\
