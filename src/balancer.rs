@@ -254,6 +254,7 @@ mod tests {
             reload: "nginx -t && nginx -s reload".into(),
             pid_file: "/run/nginx.pid".into(),
             drain_timeout: std::time::Duration::from_secs(30),
+            drain_quiet: std::time::Duration::from_millis(100),
             state_dir: "/etc/nginx/conf.d/.roller".into(),
             min_healthy: crate::inventory::MinHealthy::Hosts(1),
             lock_host: "10.0.0.5".into(),

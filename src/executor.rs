@@ -35,7 +35,7 @@ pub const COMMAND_DEADLINE: Duration = Duration::from_secs(300);
 const UPLOAD_FLOOR: Duration = Duration::from_secs(60);
 /// Parallel uploads during staging: enough to fill a link, few enough not to starve it.
 const STAGE_PARALLELISM: usize = 4;
-const DRAIN_POLL: Duration = Duration::from_millis(100);
+const DRAIN_POLL: Duration = Duration::from_millis(50);
 /// One health probe during pre-flight and the capacity check: a snapshot, not a wait.
 const PROBE_DEADLINE: Duration = Duration::from_secs(3);
 const DECISION_POLL: Duration = Duration::from_secs(1);
@@ -1020,8 +1020,16 @@ impl<'a> Executor<'a> {
                 .set_pool(&step.target, session.as_ref(), &pool.down, content, command)
                 .await
                 .map_err(StepError::from),
-            Action::Drain { command, timeout } => {
-                let deadline = Instant::now() + *timeout;
+            Action::Drain {
+                command,
+                quiet,
+                timeout,
+            } => {
+                // Drained means no connection for `quiet` in a row: a single sample of none
+                // can fall between nginx accepting a request and connecting to the host.
+                let started = Instant::now();
+                let deadline = started + *timeout;
+                let mut quiet_since: Option<Instant> = None;
                 loop {
                     // Each poll ends by the drain's own deadline: `drain_timeout` bounds the
                     // whole wait, a slow host included.
@@ -1034,16 +1042,34 @@ impl<'a> Executor<'a> {
                                 humantime::format_duration(*timeout)
                             )
                         })?;
-                    let in_flight: u64 = out
+                    let open: u64 = out
                         .trim()
                         .parse()
-                        .map_err(|_| format!("unexpected in-flight count {out:?}"))?;
-                    if in_flight == 0 {
-                        return Ok(StepDone::Done);
+                        .map_err(|_| format!("unexpected connection count {out:?}"))?;
+                    let now = Instant::now();
+                    if open == 0 {
+                        let since = *quiet_since.get_or_insert(now);
+                        if now.duration_since(since) >= *quiet {
+                            return Ok(StepDone::Done);
+                        }
+                    } else {
+                        quiet_since = None;
                     }
-                    if Instant::now() + DRAIN_POLL > deadline {
+                    if now + DRAIN_POLL > deadline {
+                        let why = if open > 0 {
+                            format!(
+                                "{open} connection(s) from this load balancer to the batch still open"
+                            )
+                        } else {
+                            format!(
+                                "connections to the batch kept opening, never {} without one",
+                                humantime::format_duration(*quiet)
+                            )
+                        };
                         return Err(format!(
-                            "{in_flight} request(s) still in flight after {}",
+                            "balancer.drain_timeout ({}) ended the wait, not the drain: {why}; \
+                             connections of nginx workers from before a reload last until those \
+                             workers exit, which worker_shutdown_timeout in nginx.conf bounds",
                             humantime::format_duration(*timeout)
                         )
                         .into());

@@ -181,6 +181,11 @@ pub struct BalancerConfig {
     pub pid_file: String,
     #[serde(with = "human")]
     pub drain_timeout: Duration,
+    /// How long a drained host must have had no connection from a load balancer before it
+    /// counts as drained: one sample of "none" can fall between a request being accepted by
+    /// nginx and nginx connecting to the host.
+    #[serde(with = "human")]
+    pub drain_quiet: Duration,
     /// Where the deploy lock and the rollout state live on the first load balancer.
     pub state_dir: String,
     /// The fewest healthy hosts that must stay in the pool while a batch is out.
@@ -382,6 +387,7 @@ impl Inventory {
                 "reload",
                 "pid_file",
                 "drain_timeout",
+                "drain_quiet",
                 "state_dir",
                 "min_healthy",
                 "lock_host",
@@ -406,6 +412,7 @@ impl Inventory {
             ),
             pid_file: r.string(lb_t, "balancer", "pid_file", Some("/run/nginx.pid")),
             drain_timeout: r.duration(lb_t, "balancer", "drain_timeout", Some("30s")),
+            drain_quiet: r.duration(lb_t, "balancer", "drain_quiet", Some("100ms")),
             state_dir: String::new(),
             min_healthy: r.min_healthy(lb_t),
             lock_host: String::new(),
@@ -428,6 +435,12 @@ impl Inventory {
             }
             None => balancer.hosts.iter().min().cloned().unwrap_or_default(),
         };
+        if balancer.drain_quiet >= balancer.drain_timeout {
+            r.problem(
+                "balancer.drain_quiet",
+                "must be shorter than balancer.drain_timeout".to_string(),
+            );
+        }
         let balancer = BalancerConfig {
             state_dir: match r.optional_string(lb_t, "balancer", "state_dir") {
                 Some(dir) => dir,

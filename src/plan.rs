@@ -282,9 +282,12 @@ pub enum Action {
         content: String,
         command: String,
     },
-    /// Polls `command` until it prints 0 (requests in flight to the batch).
+    /// Polls `command` until it has printed 0 (connections open to the batch) for `quiet`
+    /// without a break, for at most `timeout`.
     Drain {
         command: String,
+        #[serde(with = "human")]
+        quiet: Duration,
         #[serde(with = "human")]
         timeout: Duration,
     },
@@ -597,6 +600,7 @@ impl Plan {
                                 lb,
                                 Action::Drain {
                                     command: balancer.in_flight_command(hosts),
+                                    quiet: inv.balancer.drain_quiet,
                                     timeout: inv.balancer.drain_timeout,
                                 },
                             )
@@ -1115,8 +1119,13 @@ fn render_steps(out: &mut String, label: &str, phase: &Phase) {
                 }
                 out.push_str(&format!("      $ {command}\n"));
             }
-            Action::Drain { command, timeout } => out.push_str(&format!(
-                "  {label} {who}: until it prints 0, at most {}\n      $ {command}\n",
+            Action::Drain {
+                command,
+                quiet,
+                timeout,
+            } => out.push_str(&format!(
+                "  {label} {who}: until it prints 0 for {} in a row, at most {}\n      $ {command}\n",
+                humantime::format_duration(*quiet),
                 humantime::format_duration(*timeout)
             )),
             Action::HealthCheck(HealthSpec {

@@ -311,7 +311,8 @@ async fn a_good_release_reaches_every_host_one_batch_at_a_time() {
 #[tokio::test]
 async fn within_a_batch_the_host_changes_only_after_it_left_the_pool_and_drained() {
     let world = world();
-    world.lock().unwrap().in_flight = vec![3, 1, 0];
+    // A moment without connections is not a drain: one opens again after it.
+    world.lock().unwrap().in_flight = vec![3, 1, 0, 2];
     let fleet = fleet(world.clone());
     let (result, _) = rollout(&fleet, BatchSize::Hosts(1)).await;
     assert_eq!(result.unwrap().outcome, Outcome::Succeeded);
@@ -324,12 +325,12 @@ async fn within_a_batch_the_host_changes_only_after_it_left_the_pool_and_drained
         .iter()
         .filter(|c| matches!(c, Call::Exec { command, .. } if command.starts_with("ss -Htn")))
         .count();
-    let last_poll_of_batch_1 = calls
+    let last_busy_poll = calls
         .iter()
         .enumerate()
         .filter(|(_, c)| matches!(c, Call::Exec { command, .. } if command.starts_with("ss -Htn")))
         .map(|(i, _)| i)
-        .nth(2)
+        .nth(3)
         .unwrap();
     let switched = position(&exec_on("web-1", "mv -T"));
     let restarted = position(
@@ -340,13 +341,19 @@ async fn within_a_batch_the_host_changes_only_after_it_left_the_pool_and_drained
             .iter()
             .position(|c| matches!(c, Call::HttpGet { target, .. } if target == "web-1"))
             .unwrap();
-    assert!(removed < last_poll_of_batch_1 && last_poll_of_batch_1 < switched);
+    assert!(removed < last_busy_poll && last_busy_poll < switched);
+    // After the last busy poll, quiet polls for balancer.drain_quiet (100ms, 50ms apart).
+    let quiet_polls = calls[last_busy_poll + 1..switched]
+        .iter()
+        .filter(|c| matches!(c, Call::Exec { command, .. } if command.starts_with("ss -Htn")))
+        .count();
+    assert!(quiet_polls >= 3, "{quiet_polls} quiet polls");
     assert!(
         switched < restarted && restarted < checked,
         "{switched} {restarted} {checked}"
     );
-    // 3 polls for batch 1 (3, 1, 0), then 1 each for the other batches.
-    assert_eq!(drained_polls, 5);
+    // Each of the three batches polls until it has been quiet for a while.
+    assert!(drained_polls >= 4 + 3 + 3 + 3, "{drained_polls} polls");
 }
 
 #[tokio::test]
@@ -475,8 +482,38 @@ async fn a_drain_that_never_ends_fails_the_batch_without_touching_the_host() {
     let report = result.unwrap();
     assert_eq!(report.outcome, Outcome::RolledBack);
     assert_eq!(report.failure.as_ref().unwrap().failure.step, "drain");
+    assert!(
+        report
+            .failure
+            .as_ref()
+            .unwrap()
+            .failure
+            .message
+            .contains("balancer.drain_timeout (2s) ended the wait, not the drain: 1 connection(s)"),
+        "{:?}",
+        report.failure
+    );
     assert!(fleet.commands("web-1").iter().all(|c| c != "restart-app"));
     assert!(!world.lock().unwrap().upstream.contains("down"));
+    assert_eq!(releases(&world), vec![("v1".into(), "v1".into()); 3]);
+}
+
+#[tokio::test]
+async fn a_drain_interrupted_by_new_connections_is_not_taken_for_done() {
+    let world = world();
+    // Never two quiet polls in a row.
+    world.lock().unwrap().in_flight = [0, 1].repeat(1000);
+    let fleet = fleet(world.clone());
+    let (result, _) = rollout(&fleet, BatchSize::Hosts(1)).await;
+    let report = result.unwrap();
+    assert_eq!(report.outcome, Outcome::RolledBack);
+    let failure = &report.failure.as_ref().unwrap().failure;
+    assert_eq!(failure.step, "drain");
+    assert!(
+        failure.message.contains("ended the wait, not the drain"),
+        "{failure:?}"
+    );
+    assert!(fleet.commands("web-1").iter().all(|c| c != "restart-app"));
     assert_eq!(releases(&world), vec![("v1".into(), "v1".into()); 3]);
 }
 

@@ -60,6 +60,22 @@ fn defaults_fill_what_the_minimal_inventory_leaves_out() {
     assert_eq!(inv.balancer.reload, "nginx -t && nginx -s reload");
     assert_eq!(inv.health.path, "/actuator/health");
     assert_eq!(inv.ssh.identity, None);
+    assert_eq!(
+        inv.balancer.drain_quiet,
+        std::time::Duration::from_millis(100)
+    );
+}
+
+#[test]
+fn a_drain_quiet_window_must_fit_in_the_drain_timeout() {
+    let text = MINIMAL.replace(
+        "[balancer]\n",
+        "[balancer]\ndrain_timeout = \"2s\"\ndrain_quiet = \"2s\"\n",
+    );
+    assert_eq!(
+        problems(&text),
+        vec!["balancer.drain_quiet: must be shorter than balancer.drain_timeout"]
+    );
 }
 
 #[test]

@@ -478,7 +478,18 @@ fn bench(hosts: usize, root: Option<PathBuf>) -> anyhow::Result<bool> {
         .filter_map(|e| e["elapsed_ms"].as_u64())
         .min()
         .unwrap_or(0);
+    // Every reload starts a generation of nginx workers that roller waits out, and closes
+    // the clients' idle keep-alive connections: fewer is better, B + 1 for B batches at best.
+    let reloads = events
+        .iter()
+        .filter(|e| e["state"] == "succeeded" && e["down"].is_array())
+        .count();
     println!("\nroller's own time per batch: {mean} ms on average (target: < 400 ms)");
+    println!(
+        "nginx reloads in the rollout: {reloads} for {} batches (one per batch boundary: {})",
+        overheads.len(),
+        overheads.len() + 1
+    );
     println!(
         "one remote command costs {command_ms} ms on these hosts (a rename, login shell included); a batch runs 6 besides the restart"
     );
