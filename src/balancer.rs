@@ -35,10 +35,12 @@ impl Pool {
 pub const APPLY_REJECTED: u32 = 3;
 pub const APPLY_UNCONFIRMED: u32 = 4;
 
-/// How long a pool change waits for nginx's old workers to stop accepting: `CONFIRM_POLLS`
-/// looks at its workers, `CONFIRM_POLL` seconds apart. nginx swaps generations in
-/// milliseconds; ten seconds is for a load balancer that is busy.
-const CONFIRM_POLLS: u32 = 500;
+/// How long a pool change waits for nginx's old workers to stop accepting, by the host's clock
+/// (whole seconds, so 4 to 5), looking at its workers every `CONFIRM_POLL` seconds. nginx
+/// swaps generations in about a tenth of a second; five seconds is for a load balancer that is
+/// busy, and stays well below the lock's mutex wait, since on the lock host a pool change
+/// holds that mutex while it runs.
+const CONFIRM_WAIT_SECS: u32 = 5;
 const CONFIRM_POLL: f64 = 0.02;
 
 pub trait Balancer: Send + Sync {
@@ -167,10 +169,11 @@ impl Balancer for Nginx {
              old=\" $(echo $(accepting)) \"; want=$(echo $old | wc -w); [ \"$want\" -gt 0 ] || want=1; \
              if ! {{ {reload}; }}; then restore; \
              echo 'reload failed; the previous upstream file was restored' >&2; exit {rejected}; fi; \
-             i=0; while :; do stale=; fresh=0; \
+             end=$(( $(date +%s) + {wait} )); \
+             while :; do stale=; fresh=0; \
              for c in $(accepting); do case \"$old\" in *\" $c \"*) stale=\"$stale $c\" ;; *) fresh=$((fresh+1)) ;; esac; done; \
              [ -z \"$stale\" ] && [ $fresh -ge $want ] && exit 0; \
-             [ $i -ge {polls} ] && break; sleep {poll}; i=$((i+1)); done; \
+             [ \"$(date +%s)\" -ge \"$end\" ] && break; sleep {poll}; done; \
              if [ $fresh -eq 0 ] && [ \"$(echo $stale)\" = \"$(echo $old)\" ]; then restore; \
              echo \"nginx did not reload within {wait}s: its workers ($(echo $old)) still run the previous configuration; check that balancer.reload signals the master in \"{pid}\"; the previous upstream file was restored\" >&2; exit {rejected}; fi; \
              if [ -n \"$stale\" ]; then \
@@ -183,9 +186,8 @@ impl Balancer for Nginx {
             reload = self.config.reload,
             rejected = APPLY_REJECTED,
             unconfirmed = APPLY_UNCONFIRMED,
-            polls = CONFIRM_POLLS,
             poll = CONFIRM_POLL,
-            wait = CONFIRM_POLLS as f64 * CONFIRM_POLL,
+            wait = CONFIRM_WAIT_SECS,
         )
     }
 
