@@ -180,7 +180,18 @@ pub struct Running {
     child: Child,
     events: mpsc::Receiver<Value>,
     seen: Vec<Value>,
-    stderr: std::thread::JoinHandle<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+/// A test that fails while roller runs must not leave it running: it would go on changing
+/// hosts (restarting apps) after the fleet was stopped.
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl Running {
@@ -214,7 +225,7 @@ impl Running {
             child,
             events,
             seen: Vec::new(),
-            stderr,
+            stderr: Some(stderr),
         }
     }
 
@@ -264,8 +275,12 @@ impl Running {
         }
         Run {
             code: status.code(),
-            lines: self.seen,
-            stderr: self.stderr.join().unwrap(),
+            lines: std::mem::take(&mut self.seen),
+            stderr: self
+                .stderr
+                .take()
+                .map(|h| h.join().unwrap())
+                .unwrap_or_default(),
         }
     }
 }
