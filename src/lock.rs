@@ -426,8 +426,23 @@ pub async fn acquire(
     me: &LockInfo,
     wait: Option<Duration>,
 ) -> Result<(LockInfo, Acquired), LockError> {
+    acquire_sent(t, spec, me, wait)
+        .await
+        .map(|(info, how, _)| (info, how))
+}
+
+/// [`acquire`], also returning when the request that took the lock was sent: the lease runs
+/// from no earlier than that, which is what a [`Fence`] counts from (after a long
+/// `--lock-wait`, the first request's time would be long past).
+pub async fn acquire_sent(
+    t: &dyn Transport,
+    spec: &LockSpec,
+    me: &LockInfo,
+    wait: Option<Duration>,
+) -> Result<(LockInfo, Acquired, Instant), LockError> {
     let began = Instant::now();
     loop {
+        let sent = Instant::now();
         match acquire_once(t, spec, me, None).await {
             Err(held @ LockError::Held { .. }) => {
                 let Some(wait) = wait else {
@@ -440,7 +455,7 @@ pub async fn acquire(
                 tracing::debug!(error = %held, "deploy lock busy, waiting");
                 sleep(WAIT_POLL.min(wait - waited)).await;
             }
-            other => return other,
+            other => return other.map(|(info, how)| (info, how, sent)),
         }
     }
 }

@@ -829,25 +829,26 @@ async fn locked(
         JobKind::Resume(state) | JobKind::Recover(state) => state.id.clone(),
         JobKind::Rollout | JobKind::SwitchBack => lock::new_id(),
     };
-    let sent = tokio::time::Instant::now();
-    let acquired = match lock::acquire(lb.as_ref(), &spec, &me, None).await {
+    let acquired = match lock::acquire_sent(lb.as_ref(), &spec, &me, None).await {
         Err(LockError::Held { holder, .. }) if lock::holder_is_gone(&holder) => {
-            lock::take_over_gone(lb.as_ref(), &spec, &me, &holder).await
+            let sent = tokio::time::Instant::now();
+            lock::take_over_gone(lb.as_ref(), &spec, &me, &holder)
+                .await
+                .map(|(info, how)| (info, how, sent))
         }
         Err(LockError::Held { .. }) if job.lock_wait.is_some() => {
-            lock::acquire(lb.as_ref(), &spec, &me, job.lock_wait).await
+            lock::acquire_sent(lb.as_ref(), &spec, &me, job.lock_wait).await
         }
         other => other,
     };
-    let acquired = match acquired {
-        Ok((_, acquired)) => acquired,
+    let (acquired, sent) = match acquired {
+        Ok((_, acquired, sent)) => (acquired, sent),
         Err(e @ (LockError::Held { .. } | LockError::OtherBalancers { .. })) => {
             return Err(Error::Locked(e.to_string()));
         }
         Err(e) => return Err(Error::State(e.to_string())),
     };
-    // A lock waited for was taken by the last request, sent no earlier than `sent`: the fence
-    // counts from `sent`, which can only make it stricter.
+    // The lease runs from no earlier than when the request that took it was sent.
     let fence = Arc::new(lock::Fence::new(spec.clone(), me.token.clone(), sent));
     let keeper = LeaseKeeper::start_fenced(lb.clone(), fence.clone());
     let mut lost = keeper.lost();

@@ -753,3 +753,39 @@ async fn lock_and_state_files_are_for_the_ssh_user_only() {
     names.sort();
     assert_eq!(names, ["shop.lock", "shop.lock.mutex", "shop.rollout.json"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_waited_for_past_our_lease_is_fenced_from_when_it_was_taken() {
+    let host = start_host(23);
+    let (a, b) = (host.connect().await, host.connect().await);
+    let long = spec("state", Duration::from_secs(60));
+    let short = spec("state", Duration::from_secs(3));
+    let alice = LockInfo::new_for("v2");
+    let bob = LockInfo::new_for("v3");
+    bounded(lock::acquire(&*a, &long, &alice, None))
+        .await
+        .unwrap();
+    let releaser = tokio::spawn({
+        let (a, long, token) = (a.clone(), long.clone(), alice.token.clone());
+        async move {
+            // Longer than bob's whole lease.
+            sleep(Duration::from_secs(5)).await;
+            lock::release(&*a, &long, &token).await.unwrap();
+        }
+    });
+    let began = Instant::now();
+    let (_, how, sent) = bounded(lock::acquire_sent(
+        &*b,
+        &short,
+        &bob,
+        Some(Duration::from_secs(15)),
+    ))
+    .await
+    .unwrap();
+    releaser.await.unwrap();
+    assert_eq!(how, Acquired::Fresh);
+    assert!(began.elapsed() >= Duration::from_secs(5));
+    assert!(sent >= began + Duration::from_secs(4), "{:?}", sent - began);
+    let fence = lock::Fence::new(short, bob.token.clone(), sent);
+    fence.check().unwrap();
+}
