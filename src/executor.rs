@@ -445,6 +445,9 @@ struct StepFailure {
 /// Why a batch stopped before finishing.
 enum BatchStop {
     Failed(StepFailure),
+    /// The batch completed, but the next one may not leave the pool: its capacity check,
+    /// run at the end of this batch, failed.
+    NextRefused(StepFailure),
     /// Interrupted before `phase` (an index into the batch's phases) ran to completion.
     Interrupted {
         reason: String,
@@ -525,16 +528,25 @@ impl<'a> Executor<'a> {
                 failures: failures.into_iter().map(to_host_failure).collect(),
             })?;
         for (index, batch) in self.plan.batches.iter().enumerate() {
-            if let Some(reason) = self.interrupted() {
+            // A batch the previous one took out of the pool is rolled back by run_batch
+            // when interrupted; any other is left alone.
+            if !batch.taken_out
+                && let Some(reason) = self.interrupted()
+            {
                 return Ok(self.finish_interrupted(reason, None).await);
             }
-            match self.run_batch(batch).await {
+            let next = self.plan.batches.get(index + 1);
+            match self.run_batch(batch, next).await {
                 Ok(()) => {}
                 Err(BatchStop::Interrupted { reason, phase }) => {
                     return Ok(self.finish_interrupted(reason, Some((batch, phase))).await);
                 }
                 Err(BatchStop::Failed(failure)) => {
                     return Ok(self.fail(index, batch, failure).await);
+                }
+                Err(BatchStop::NextRefused(failure)) => {
+                    let next = next.expect("only a batch with a next one hands over");
+                    return Ok(self.fail(index + 1, next, failure).await);
                 }
             }
         }
@@ -599,7 +611,30 @@ impl<'a> Executor<'a> {
         self.start_cleanup();
         if let Some((batch, phase)) = at {
             let remaining = &batch.phases[phase..];
-            if remaining.len() == 1 && remaining[0].name == PhaseName::ReturnToPool {
+            let handing_over = batch
+                .return_alone
+                .as_ref()
+                .filter(|_| phase + 2 >= batch.phases.len());
+            if let Some(alone) = handing_over {
+                // Interrupted at the handover: this batch returns alone, the next stays in.
+                self.note(format!(
+                    "batch {} was completed rather than rolled back: its hosts were already healthy on the new release; the next batch was not started",
+                    batch.number
+                ));
+                self.pool_changed
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                let alone = self.with_pool(alone, batch, &[]);
+                if self
+                    .run_phase(Some(batch.number), &alone, &BTreeSet::new())
+                    .await
+                    .is_ok()
+                {
+                    self.advance(batch, PhaseName::ReturnToPool, &BTreeSet::new());
+                    self.set_outcome(&batch.hosts, HostOutcome::Updated);
+                } else {
+                    self.rollback(batch, None).await;
+                }
+            } else if remaining.len() == 1 && remaining[0].name == PhaseName::ReturnToPool {
                 self.note(format!(
                     "batch {} was completed rather than rolled back: its hosts were already healthy on the new release, so returning them to the pool was one step where rolling back would have meant another restart",
                     batch.number
@@ -625,9 +660,19 @@ impl<'a> Executor<'a> {
         report
     }
 
-    async fn run_batch(&self, batch: &Batch) -> std::result::Result<(), BatchStop> {
+    async fn run_batch(
+        &self,
+        batch: &Batch,
+        next: Option<&Batch>,
+    ) -> std::result::Result<(), BatchStop> {
+        // A batch taken out by the previous one's return has its pool changed already.
         self.pool_changed
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+            .store(batch.taken_out, std::sync::atomic::Ordering::SeqCst);
+        // The next batch's capacity check, then the pool change that swaps the two.
+        let handover = batch
+            .return_alone
+            .as_ref()
+            .map(|_| batch.phases.len().saturating_sub(2));
         let mut failed: BTreeSet<String> = BTreeSet::new();
         for (index, phase) in batch.phases.iter().enumerate() {
             if let Some(reason) = self.interrupted() {
@@ -656,6 +701,11 @@ impl<'a> Executor<'a> {
                 // itself: resume checks each host's real state anyway, so either order is
                 // safe, and the write costs no time of its own.
                 self.advance(batch, phase.name, &failed);
+                if handover.is_some_and(|h| index == h + 1)
+                    && let Some(next) = next
+                {
+                    self.advance(next, PhaseName::RemoveFromPool, &BTreeSet::new());
+                }
                 let (result, ()) = tokio::join!(
                     self.run_phase(Some(batch.number), &phase, &failed),
                     self.save(Status::Running)
@@ -672,6 +722,9 @@ impl<'a> Executor<'a> {
                             reason: self.interrupted().unwrap_or_else(|| f.message.clone()),
                             phase: index,
                         });
+                    }
+                    if Some(index) == handover {
+                        return Err(self.return_alone(batch, &failed, failures).await);
                     }
                     let tolerable = failures.iter().all(|f| f.role == Role::App);
                     let total = {
@@ -708,6 +761,48 @@ impl<'a> Executor<'a> {
             .collect();
         self.set_outcome(&updated, HostOutcome::Updated);
         Ok(())
+    }
+
+    /// The next batch may not leave the pool: this one, healthy, returns on its own, and the
+    /// rollout stops at the next batch, which was never touched.
+    async fn return_alone(
+        &self,
+        batch: &Batch,
+        failed: &BTreeSet<String>,
+        refused: Vec<StepFailure>,
+    ) -> BatchStop {
+        let alone = batch
+            .return_alone
+            .as_ref()
+            .expect("a handover has a return of its own");
+        let unrestored = if failed.is_empty() {
+            Vec::new()
+        } else {
+            self.rollback(batch, Some(failed)).await
+        };
+        let alone = self.with_pool(alone, batch, &unrestored);
+        self.advance(batch, PhaseName::ReturnToPool, failed);
+        let (result, ()) = tokio::join!(
+            self.run_phase(Some(batch.number), &alone, failed),
+            self.save(Status::Running)
+        );
+        let refused = refused.into_iter().next().expect("at least one");
+        match result {
+            Ok(()) => {
+                let updated: Vec<String> = batch
+                    .hosts
+                    .iter()
+                    .filter(|h| !failed.contains(*h))
+                    .cloned()
+                    .collect();
+                self.set_outcome(&updated, HostOutcome::Updated);
+                // The next batch never left the pool: its rollback must not rewrite it.
+                self.pool_changed
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+                BatchStop::NextRefused(refused)
+            }
+            Err(failures) => BatchStop::Failed(failures.into_iter().next().expect("at least one")),
+        }
     }
 
     /// Records how far the batch's hosts got once `phase` succeeded for them.
@@ -846,18 +941,19 @@ impl<'a> Executor<'a> {
 
     /// The phase with its pool re-rendered: the batch's held-out hosts plus `failed` down.
     fn with_pool(&self, phase: &Phase, batch: &Batch, failed: &[String]) -> Phase {
-        let down: Vec<String> = batch
-            .held_out
-            .iter()
-            .chain(failed)
-            .cloned()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
         let mut phase = phase.clone();
         for step in &mut phase.steps {
             if let Action::SetPool { pool, content, .. } = &mut step.action {
-                pool.down = down.iter().cloned().collect();
+                // Hosts of other batches the change takes out (the next batch, at a handover)
+                // stay out; of this batch, only those that could not be restored.
+                pool.down = pool
+                    .down
+                    .iter()
+                    .filter(|h| !batch.hosts.contains(*h))
+                    .chain(&batch.held_out)
+                    .chain(failed)
+                    .cloned()
+                    .collect();
                 *content = self.balancer.render(pool);
             }
         }
@@ -958,6 +1054,7 @@ impl<'a> Executor<'a> {
     ) -> std::result::Result<StepDone, StepError> {
         if let Action::CapacityCheck {
             staying,
+            returning,
             min_healthy,
             path,
             port,
@@ -965,7 +1062,14 @@ impl<'a> Executor<'a> {
         } = &step.action
         {
             return self
-                .capacity_check(staying, *min_healthy, path, *port, *expect_status)
+                .capacity_check(
+                    staying,
+                    returning,
+                    *min_healthy,
+                    path,
+                    *port,
+                    *expect_status,
+                )
                 .await
                 .map_err(StepError::from);
         }
@@ -1196,6 +1300,7 @@ impl<'a> Executor<'a> {
     async fn capacity_check(
         &self,
         staying: &[String],
+        returning: &[String],
         min_healthy: usize,
         path: &str,
         port: u16,
@@ -1213,7 +1318,7 @@ impl<'a> Executor<'a> {
                 timeout: PROBE_DEADLINE,
                 successes: 1,
             };
-            let in_pool = self.host(name).in_pool;
+            let in_pool = self.host(name).in_pool || returning.contains(name);
             let healthy = self
                 .health
                 .probe(session.as_ref(), &spec, PROBE_DEADLINE)

@@ -178,6 +178,15 @@ pub struct Batch {
     /// Takes this batch, once completed, back to its previous release (`--on-failure
     /// rollback-all`), with the same care as going forward.
     pub undo: Vec<Phase>,
+    /// This batch left the pool in the previous batch's return, one reload for both, so its
+    /// phases start with the drain.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub taken_out: bool,
+    /// When this batch hands over to the next (its last phases check the next batch's capacity
+    /// and swap the two in one pool change): the return of this batch alone, for when the next
+    /// batch may not leave or the rollout is interrupted before the swap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub return_alone: Option<Phase>,
 }
 
 /// Steps that run concurrently; the next phase starts when all of them succeeded.
@@ -311,6 +320,10 @@ pub enum Action {
     /// answer healthy.
     CapacityCheck {
         staying: Vec<String>,
+        /// Hosts among `staying` out of the pool now that count as in it: the same pool change
+        /// that takes the batch out returns them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        returning: Vec<String>,
         min_healthy: usize,
         path: String,
         port: u16,
@@ -568,9 +581,10 @@ impl Plan {
                 Some(s)
             })
             .collect();
-        let batches = groups
+        // Per group: the hosts it takes out of the pool (itself and hosts held out for later
+        // groups) and those that stay in.
+        let outs: Vec<(Vec<String>, Vec<String>)> = groups
             .iter()
-            .copied()
             .enumerate()
             .map(|(i, hosts)| {
                 let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
@@ -585,12 +599,45 @@ impl Plan {
                     .cloned()
                     .collect();
                 let out: Vec<String> = names.iter().chain(&held_out).cloned().collect();
-                let staying: Vec<String> = inv
-                    .hosts
-                    .iter()
-                    .map(|h| h.name.clone())
-                    .filter(|h| !out.contains(h))
-                    .collect();
+                (out, held_out)
+            })
+            .collect();
+        let staying_of = |i: usize| -> Vec<String> {
+            inv.hosts
+                .iter()
+                .map(|h| h.name.clone())
+                .filter(|h| !outs[i].0.contains(h))
+                .collect()
+        };
+        let capacity_of = |i: usize, returning: Vec<String>| {
+            phase(
+                PhaseName::CapacityCheck,
+                vec![Step {
+                    target: FLEET.into(),
+                    role: Role::Fleet,
+                    action: Action::CapacityCheck {
+                        staying: staying_of(i),
+                        returning,
+                        min_healthy,
+                        path: inv.health.path.clone(),
+                        port: app.port,
+                        expect_status: inv.health.expect_status,
+                    },
+                }],
+            )
+        };
+        // One reload per batch boundary: a rolling batch that is healthy returns to the pool
+        // in the same rewrite that takes the next batch out, once the next batch's capacity
+        // check passed (counting this batch as back). A canary returns on its own terms.
+        let hands_over = |i: usize| i + 1 < groups.len() && !(canary.is_some() && i == 0);
+        let batches = groups
+            .iter()
+            .copied()
+            .enumerate()
+            .map(|(i, hosts)| {
+                let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
+                let (out, held_out) = outs[i].clone();
+                let taken_out = i > 0 && hands_over(i - 1);
                 let drain = || -> Vec<Step> {
                     inv.balancer
                         .hosts
@@ -607,23 +654,13 @@ impl Plan {
                         })
                         .collect()
                 };
-                let capacity = phase(
-                    PhaseName::CapacityCheck,
-                    vec![Step {
-                        target: FLEET.into(),
-                        role: Role::Fleet,
-                        action: Action::CapacityCheck {
-                            staying,
-                            min_healthy,
-                            path: inv.health.path.clone(),
-                            port: app.port,
-                            expect_status: inv.health.expect_status,
-                        },
-                    }],
-                );
-                let mut phases = vec![
-                    capacity.clone(),
-                    phase(PhaseName::RemoveFromPool, set_pool(&out)),
+                let capacity = capacity_of(i, Vec::new());
+                let mut phases = Vec::new();
+                if !taken_out {
+                    phases.push(capacity.clone());
+                    phases.push(phase(PhaseName::RemoveFromPool, set_pool(&out)));
+                }
+                phases.extend([
                     phase(PhaseName::Drain, drain()),
                     phase(
                         PhaseName::Switch,
@@ -633,7 +670,8 @@ impl Plan {
                     ),
                     phase(PhaseName::Restart, per_host(hosts, &restart)),
                     phase(PhaseName::HealthCheck, per_host(hosts, &health)),
-                ];
+                ]);
+                let mut return_alone = None;
                 // A canary serves traffic when it is judged: rolling it back starts by taking
                 // it out of the pool again and draining it.
                 let mut rollback = Vec::new();
@@ -694,6 +732,11 @@ impl Plan {
                         rollback.push(phase(PhaseName::RemoveFromPool, set_pool(&out)));
                         rollback.push(phase(PhaseName::Drain, drain()));
                     }
+                    None if hands_over(i) => {
+                        phases.push(capacity_of(i + 1, names.clone()));
+                        phases.push(phase(PhaseName::ReturnToPool, set_pool(&outs[i + 1].0)));
+                        return_alone = Some(phase(PhaseName::ReturnToPool, set_pool(&held_out)));
+                    }
                     None => phases.push(phase(PhaseName::ReturnToPool, set_pool(&held_out))),
                 }
                 rollback.extend([
@@ -717,6 +760,8 @@ impl Plan {
                         phase(PhaseName::HealthCheck, per_host(hosts, &health)),
                         phase(PhaseName::ReturnToPool, set_pool(&[])),
                     ],
+                    taken_out,
+                    return_alone,
                 }
             })
             .collect();
@@ -872,6 +917,8 @@ impl Plan {
                     ),
                 ],
                 undo: Vec::new(),
+                taken_out: false,
+                return_alone: None,
             }]
         };
         let targets = if done_everywhere {
@@ -955,6 +1002,8 @@ impl Plan {
                     pool_steps(inv, balancer, traffic_to(live)),
                 )],
                 undo: Vec::new(),
+                taken_out: false,
+                return_alone: None,
             }],
             ..Plan::base(
                 inv,
@@ -1018,8 +1067,20 @@ impl Plan {
                     batch.held_out.join(", ")
                 ));
             }
+            if batch.taken_out {
+                out.push_str(&format!(
+                    "  Left the pool with batch {}'s return, in the same reload\n",
+                    batch.number - 1
+                ));
+            }
             for (i, phase) in batch.phases.iter().enumerate() {
                 render_steps(&mut out, &format!("{}. {}", i + 1, phase.name), phase);
+            }
+            if let Some(alone) = &batch.return_alone {
+                out.push_str(
+                    "  If the next batch may not leave the pool, or on interrupt before that, instead of the last two:\n",
+                );
+                render_steps(&mut out, "return-to-pool", alone);
             }
             out.push_str("  On failure, roll this batch back:\n");
             for (i, phase) in batch.rollback.iter().enumerate() {
@@ -1160,13 +1221,20 @@ fn render_steps(out: &mut String, label: &str, phase: &Phase) {
             )),
             Action::CapacityCheck {
                 staying,
+                returning,
                 min_healthy,
                 path,
                 port,
                 expect_status,
             } => out.push_str(&format!(
-                "  {label}: at least {min_healthy} of {} healthy (GET :{port}{path} = {expect_status}) while the batch is out\n",
-                if staying.is_empty() { "(none)".to_string() } else { staying.join(", ") }
+                "  {label}: at least {min_healthy} of {} healthy (GET :{port}{path} = {expect_status}) while the {} is out{}\n",
+                if staying.is_empty() { "(none)".to_string() } else { staying.join(", ") },
+                if returning.is_empty() { "batch" } else { "next batch" },
+                if returning.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} counted as back in the pool", returning.join(", "))
+                }
             )),
         }
     }

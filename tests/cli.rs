@@ -71,6 +71,8 @@ fn plan_json_is_one_document_with_the_derived_release_and_checksum() {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
+    // Batch 1 hands over to batch 2: batch 2's capacity check, then one pool change that
+    // puts batch 1 back and takes batch 2 out.
     assert_eq!(
         phases,
         [
@@ -80,9 +82,15 @@ fn plan_json_is_one_document_with_the_derived_release_and_checksum() {
             "switch",
             "restart",
             "health-check",
+            "capacity-check",
             "return-to-pool"
         ]
     );
+    let second = &plan["batches"][1];
+    assert_eq!(second["taken_out"], true);
+    assert_eq!(second["phases"][0]["name"], "drain");
+    let last = second["phases"].as_array().unwrap().last().unwrap();
+    assert_eq!(last["name"], "return-to-pool");
     let upload = plan["stage"]["steps"][0]["action"]["upload"]
         .as_str()
         .unwrap();

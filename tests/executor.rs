@@ -298,13 +298,19 @@ async fn a_good_release_reaches_every_host_one_batch_at_a_time() {
     );
     assert_eq!(releases(&world), vec![("v2".into(), "v2".into()); 3]);
     let w = world.lock().unwrap();
-    // Out and back in once per batch, one host down at a time, ending with all in.
-    assert_eq!(w.upstream_history.len(), 6);
+    // One reload per batch boundary: web-1 out; web-1 back and web-2 out in one rewrite; then
+    // web-2 back and web-3 out; then web-3 back. Four for three batches, one host down at a time.
+    assert_eq!(w.upstream_history.len(), 4, "{:#?}", w.upstream_history);
     for (i, content) in w.upstream_history.iter().enumerate() {
         let downs = content.matches(" down;").count();
-        assert_eq!(downs, if i % 2 == 0 { 1 } else { 0 }, "{content}");
+        assert_eq!(downs, if i < 3 { 1 } else { 0 }, "{content}");
+        if i < 3 {
+            assert!(
+                content.contains(&format!("10.0.1.{}:8080 down;", i + 1)),
+                "{content}"
+            );
+        }
     }
-    assert!(w.upstream_history[2].contains("10.0.1.2:8080 down;"));
     assert!(!w.upstream.contains("down"));
 }
 
@@ -549,14 +555,16 @@ async fn rollback_all_undoes_earlier_batches_too_draining_them_first() {
         ]
     );
     assert_eq!(releases(&world), vec![("v1".into(), "v1".into()); 3]);
-    // web-1 was taken out of the pool again before it was switched back.
+    // web-1 was taken out of the pool again before it was switched back: web-1 out; web-1
+    // back with web-2 out; web-2 back after its rollback; web-1 out for its undo; all back.
     let w = world.lock().unwrap();
     let undo_out = w
         .upstream_history
         .iter()
         .rposition(|u| u.contains("10.0.1.1:8080 down;"))
         .unwrap();
-    assert!(undo_out > 3, "{:#?}", w.upstream_history);
+    assert_eq!(undo_out, 3, "{:#?}", w.upstream_history);
+    assert_eq!(w.upstream_history.len(), 5, "{:#?}", w.upstream_history);
     assert!(!w.upstream.contains("down"));
 }
 
@@ -712,6 +720,87 @@ async fn unhealthy_hosts_go_first_and_the_capacity_guard_refuses_a_batch_that_le
 }
 
 #[tokio::test]
+async fn a_healthy_batch_returns_alone_when_the_next_may_not_leave_the_pool() {
+    let world = world();
+    let inner = fleet(world.clone());
+    let w = world.clone();
+    // web-3 stops answering its health check once web-1 runs the new release: by the end of
+    // batch 1, taking web-2 out would leave one healthy host (web-1) of the two required.
+    let fleet = MemoryFleet::new(
+        {
+            let inner = inner.clone();
+            move |t: &str, c: &str, i: Option<&bytes::Bytes>| inner.answer(t, c, i)
+        },
+        move |t: &str, a: &str, p: u16, path: &str| {
+            let web1_on_v2 =
+                w.lock().unwrap().running.get("web-1").map(String::as_str) == Some("v2");
+            if t == "web-3" && web1_on_v2 {
+                return Ok(503);
+            }
+            inner.probe(t, a, p, path)
+        },
+    );
+    let inventory = INVENTORY.replace(
+        "drain_timeout = \"2s\"",
+        "drain_timeout = \"2s\"\nmin_healthy = 2",
+    );
+    let (result, _) = rollout_on(&inventory, &fleet, BatchSize::Hosts(1)).await;
+    let report = result.unwrap();
+    let failure = report.failure.as_ref().unwrap();
+    assert_eq!(failure.batch, 2);
+    assert_eq!(failure.failure.step, "capacity-check");
+    // Batch 2 is reported as a refused batch always is: back (it never left), in the pool.
+    assert_eq!(
+        outcomes(&report),
+        vec![
+            (HostOutcome::Updated, true),
+            (HostOutcome::RolledBack, true),
+            (HostOutcome::Untouched, true)
+        ]
+    );
+    // web-1 out, then back on its own; web-2 never left.
+    let w = world.lock().unwrap();
+    assert_eq!(w.upstream_history.len(), 2, "{:#?}", w.upstream_history);
+    assert!(w.upstream_history[0].contains("10.0.1.1:8080 down;"));
+    assert!(!w.upstream.contains("down"), "{}", w.upstream);
+    drop(w);
+    assert!(fleet.commands("web-2").iter().all(|c| c != "restart-app"));
+    assert_eq!(
+        releases(&world),
+        vec![
+            ("v2".into(), "v2".into()),
+            ("v1".into(), "v1".into()),
+            ("v1".into(), "v1".into())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_failure_in_a_batch_taken_out_at_the_handover_returns_it_to_the_pool() {
+    let world = world();
+    world.lock().unwrap().sick_on_v2 = vec!["web-2".into()];
+    let fleet = fleet(world.clone());
+    let (result, _) = rollout(&fleet, BatchSize::Hosts(1)).await;
+    let report = result.unwrap();
+    assert_eq!(report.outcome, Outcome::RolledBack);
+    assert_eq!(report.failure.as_ref().unwrap().batch, 2);
+    assert_eq!(
+        outcomes(&report),
+        vec![
+            (HostOutcome::Updated, true),
+            (HostOutcome::RolledBack, true),
+            (HostOutcome::Untouched, true)
+        ]
+    );
+    let w = world.lock().unwrap();
+    // web-1 out; web-1 back with web-2 out; web-2 back after its rollback.
+    assert_eq!(w.upstream_history.len(), 3, "{:#?}", w.upstream_history);
+    assert!(w.upstream_history[1].contains("10.0.1.2:8080 down;"));
+    assert_eq!(w.upstream_history[1].matches(" down;").count(), 1);
+    assert!(!w.upstream.contains("down"), "{}", w.upstream);
+}
+
+#[tokio::test]
 async fn an_interrupt_during_the_health_check_rolls_the_batch_back() {
     let world = world();
     world.lock().unwrap().sick_on_v2 = vec!["web-1".into()];
@@ -799,4 +888,8 @@ async fn an_interrupt_once_the_batch_is_healthy_completes_it_instead() {
         ]
     );
     assert!(!world.lock().unwrap().upstream.contains("down"));
+    // The next batch was never taken out: web-1 returned alone.
+    let history = world.lock().unwrap().upstream_history.clone();
+    assert_eq!(history.len(), 2, "{history:#?}");
+    assert!(history.iter().all(|u| !u.contains("10.0.1.2:8080 down")));
 }
