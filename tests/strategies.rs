@@ -43,7 +43,9 @@ fn a_blue_green_release_moves_all_traffic_at_once_and_switch_back_is_one_reload(
     // One pool change per load balancer: all hosts moved together.
     assert_eq!(run.touched("switch-traffic").len(), 1);
     assert_fleet_on(&fleet, "v2", "v2");
-    // Scheduling the stop of the old slots returned at once on every host.
+    // Scheduling the stop of the old slots returned at once on every host. A timer that held
+    // the SSH session would hold it for the whole keep_old (10 minutes here), so a bound of
+    // seconds tells the two apart even on a loaded machine.
     let keep_old: Vec<&serde_json::Value> = run
         .lines
         .iter()
@@ -52,7 +54,7 @@ fn a_blue_green_release_moves_all_traffic_at_once_and_switch_back_is_one_reload(
     assert_eq!(keep_old.len(), 2, "{:#?}", run.lines);
     for step in keep_old {
         assert!(
-            step["step"]["elapsed_ms"].as_u64().unwrap() < 3000,
+            step["step"]["elapsed_ms"].as_u64().unwrap() < 10_000,
             "keep-old held its SSH session: {step}"
         );
     }
@@ -88,16 +90,8 @@ fn a_blue_green_release_moves_all_traffic_at_once_and_switch_back_is_one_reload(
             "{upstream} {status}"
         );
     }
-    // Within a second: the reload and its confirmation are the whole switch.
-    let switched = back
-        .lines
-        .iter()
-        .find(|l| l["step"]["phase"] == "switch-traffic" && l["step"]["state"] == "succeeded")
-        .unwrap();
-    assert!(
-        switched["step"]["elapsed_ms"].as_u64().unwrap() < 1000,
-        "{switched}"
-    );
+    // The reload is the whole switch: no slot was started or restarted. How long it takes is
+    // a speed target for `cargo xtask bench`, not something a loaded test machine can judge.
     assert!(back.touched("start-slot").is_empty());
     assert_eq!(slot_pids(&fleet, "blue"), blue_before, "blue was restarted");
     assert_fleet_on(&fleet, "v1", "v1");
