@@ -25,21 +25,6 @@ fn slow(fleet: &Fleet, version: &str, delay_ms: u64) -> PathBuf {
         .unwrap()
 }
 
-fn report_hosts(run: &Run) -> Vec<(String, String, bool)> {
-    run.report()["hosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| {
-            (
-                h["name"].as_str().unwrap().to_string(),
-                h["outcome"].as_str().unwrap().to_string(),
-                h["in_pool"].as_bool().unwrap(),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn a_second_rollout_is_refused_while_the_first_runs_and_lock_wait_queues_behind_it() {
     let fleet = Fleet::up(FleetSpec::for_test("lock", 2)).unwrap();

@@ -4,7 +4,6 @@
 mod e2e;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use e2e::*;
@@ -166,29 +165,6 @@ fn the_single_instance_blue_green_setup_releases_without_failing_a_request() {
     assert_no_failed_requests(&traffic);
     assert_eq!(fleet.live_slot().as_deref(), Some("green"));
     assert_fleet_on(&fleet, "v2", "v2");
-}
-
-/// The fleet's rolling inventory turned into a canary one.
-fn canary_inventory(fleet: &Fleet, canary: &[(&str, toml::Value)]) -> PathBuf {
-    let text = std::fs::read_to_string(fleet.inventory_path()).unwrap();
-    let mut doc: toml::Table = text.parse().unwrap();
-    doc.insert("strategy".into(), "canary".into());
-    let mut section = toml::Table::new();
-    section.insert(
-        "access_log".into(),
-        fleet
-            .access_log_path()
-            .to_string_lossy()
-            .into_owned()
-            .into(),
-    );
-    for (key, value) in canary {
-        section.insert(key.to_string(), value.clone());
-    }
-    doc.insert("canary".into(), section.into());
-    let path = fleet.root().join("inventory-canary.toml");
-    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
-    path
 }
 
 fn versions_between(before: &LoadReport, after: &LoadReport) -> BTreeMap<String, u64> {

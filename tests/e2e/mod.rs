@@ -291,3 +291,42 @@ fn is_step(event: &Value, phase: &str, target: &str, state: &str) -> bool {
         && event["step"]["target"] == target
         && event["step"]["state"] == state
 }
+
+/// The fleet's rolling inventory turned into a canary one.
+pub fn canary_inventory(fleet: &Fleet, canary: &[(&str, toml::Value)]) -> PathBuf {
+    let text = std::fs::read_to_string(fleet.inventory_path()).unwrap();
+    let mut doc: toml::Table = text.parse().unwrap();
+    doc.insert("strategy".into(), "canary".into());
+    let mut section = toml::Table::new();
+    section.insert(
+        "access_log".into(),
+        fleet
+            .access_log_path()
+            .to_string_lossy()
+            .into_owned()
+            .into(),
+    );
+    for (key, value) in canary {
+        section.insert(key.to_string(), value.clone());
+    }
+    doc.insert("canary".into(), section.into());
+    let path = fleet.root().join("inventory-canary.toml");
+    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
+    path
+}
+
+/// Each host of the final report as (name, outcome, in pool).
+pub fn report_hosts(run: &Run) -> Vec<(String, String, bool)> {
+    run.report()["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["name"].as_str().unwrap().to_string(),
+                h["outcome"].as_str().unwrap().to_string(),
+                h["in_pool"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
