@@ -118,6 +118,22 @@ impl Balancer for Nginx {
             "# Managed by roller: rewritten at every step of a rollout; edits here are lost.\nupstream {} {{\n",
             self.config.upstream
         );
+        let block = &self.config.upstream_block;
+        if let Some(size) = &block.zone {
+            out.push_str(&format!("    zone {} {size};\n", self.config.upstream));
+        }
+        if let Some(method) = &block.balance {
+            out.push_str(&format!("    {method};\n"));
+        }
+        if let Some(n) = block.keepalive {
+            out.push_str(&format!("    keepalive {n};\n"));
+        }
+        if let Some(t) = &block.keepalive_timeout {
+            out.push_str(&format!("    keepalive_timeout {t};\n"));
+        }
+        if let Some(n) = block.keepalive_requests {
+            out.push_str(&format!("    keepalive_requests {n};\n"));
+        }
         // A weight is relative to the others: hosts at their full share get 100, so a canary
         // at 10% of its fair share gets weight 10.
         let weighted = !pool.weights.is_empty();
@@ -132,8 +148,21 @@ impl Balancer for Nginx {
             } else {
                 ""
             };
+            let mut params = String::new();
+            if let Some(n) = host.server.max_fails {
+                params.push_str(&format!(" max_fails={n}"));
+            }
+            if let Some(t) = &host.server.fail_timeout {
+                params.push_str(&format!(" fail_timeout={t}"));
+            }
+            if let Some(n) = host.server.max_conns {
+                params.push_str(&format!(" max_conns={n}"));
+            }
+            if host.server.backup {
+                params.push_str(" backup");
+            }
             out.push_str(&format!(
-                "    server {}{weight}{down};  # {}\n",
+                "    server {}{weight}{params}{down};  # {}\n",
                 self.socket_on(host, pool.port.unwrap_or(self.app_port)),
                 host.name
             ));
@@ -261,17 +290,20 @@ mod tests {
             min_healthy: crate::inventory::MinHealthy::Hosts(1),
             lock_host: "10.0.0.5".into(),
             lock_lease: std::time::Duration::from_secs(60),
+            upstream_block: Default::default(),
         };
         let hosts = vec![
             Host {
                 name: "web-1".into(),
                 address: "10.0.1.11".into(),
                 user: None,
+                server: Default::default(),
             },
             Host {
                 name: "web-2".into(),
                 address: "fd00::12".into(),
                 user: None,
+                server: Default::default(),
             },
         ];
         Nginx {
@@ -319,6 +351,60 @@ mod tests {
         );
         assert_eq!(n.parse_port(&text), Some(8082));
         assert!(n.parse_down(&text).is_empty());
+    }
+
+    #[test]
+    fn upstream_directives_and_server_parameters_survive_every_rewrite() {
+        let mut n = nginx();
+        n.config.upstream_block = crate::inventory::UpstreamBlock {
+            zone: Some("64k".into()),
+            balance: Some("least_conn".into()),
+            keepalive: Some(16),
+            keepalive_timeout: Some("30s".into()),
+            keepalive_requests: Some(1000),
+        };
+        n.hosts[0].server = crate::inventory::ServerParams {
+            max_fails: Some(3),
+            fail_timeout: Some("10s".into()),
+            max_conns: Some(200),
+            backup: false,
+        };
+        n.hosts[1].server.backup = true;
+        let head = "upstream shop {\n    zone shop 64k;\n    least_conn;\n    keepalive 16;\n    keepalive_timeout 30s;\n    keepalive_requests 1000;\n";
+        let pools = [
+            Pool::default(),
+            Pool::with_down(&["web-1".to_string()]),
+            Pool {
+                down: BTreeSet::new(),
+                port: Some(8082),
+                weights: BTreeMap::from([("web-1".to_string(), 10)]),
+            },
+        ];
+        for pool in &pools {
+            let text = n.render(pool);
+            assert!(text.contains(head), "{text}");
+            assert!(
+                text.contains(" max_fails=3 fail_timeout=10s max_conns=200"),
+                "{text}"
+            );
+            assert!(text.contains(" backup"), "{text}");
+            assert_eq!(n.parse_down(&text), pool.down, "{text}");
+        }
+        assert!(
+            n.render(&pools[1]).contains(
+                "server 10.0.1.11:8080 max_fails=3 fail_timeout=10s max_conns=200 down;  # web-1"
+            ),
+            "{}",
+            n.render(&pools[1])
+        );
+        assert!(
+            n.render(&pools[2]).contains(
+                "server 10.0.1.11:8082 weight=10 max_fails=3 fail_timeout=10s max_conns=200;"
+            ),
+            "{}",
+            n.render(&pools[2])
+        );
+        assert_eq!(n.parse_port(&n.render(&pools[2])), Some(8082));
     }
 
     #[test]

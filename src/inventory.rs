@@ -196,6 +196,8 @@ pub struct BalancerConfig {
     pub lock_host: String,
     /// How long the deploy lock lives without renewal.
     pub lock_lease: Duration,
+    /// `[balancer.upstream_block]`: directives written into the upstream block.
+    pub upstream_block: UpstreamBlock,
 }
 
 /// `min_healthy`: a host count, or a share of the fleet.
@@ -222,6 +224,60 @@ pub struct Host {
     /// The SSH login on this host, when it is not `ssh.user`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// nginx `server` parameters for this host, written at every rewrite of the upstream file.
+    #[serde(skip_serializing_if = "ServerParams::is_default")]
+    pub server: ServerParams,
+}
+
+/// Per-server parameters of nginx's `server` directive that roller keeps; `weight` and `down`
+/// are roller's own (canary shares, batches out of the pool).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ServerParams {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_fails: Option<u32>,
+    /// In nginx's syntax (`10s`, `500ms`), checked as a duration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fail_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_conns: Option<u32>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub backup: bool,
+}
+
+impl ServerParams {
+    pub fn is_default(&self) -> bool {
+        *self == ServerParams::default()
+    }
+}
+
+/// Directives of the upstream block that roller writes above the `server` lines, so that the
+/// block people run in production survives every rewrite.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct UpstreamBlock {
+    /// `zone <upstream> <size>`: shared memory, so that workers share state and counters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// `least_conn`, `ip_hash`, `random [two [least_conn]]` or `hash <key> [consistent]`;
+    /// round robin when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balance: Option<String>,
+    /// Idle connections to the servers that each worker keeps open.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keepalive: Option<u32>,
+    /// In nginx's syntax (`60s`), checked as a duration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keepalive_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keepalive_requests: Option<u32>,
+}
+
+impl UpstreamBlock {
+    /// Whether the balancing method lets a server be a `backup` (hash and random do not).
+    pub fn allows_backup(&self) -> bool {
+        !self.balance.as_deref().is_some_and(|b| {
+            b.starts_with("hash") || b.starts_with("ip_hash") || b.starts_with("random")
+        })
+    }
 }
 
 pub(crate) mod human {
@@ -392,6 +448,7 @@ impl Inventory {
                 "min_healthy",
                 "lock_host",
                 "lock_lease",
+                "upstream_block",
             ],
         );
         let default_upstream = if app.name.is_empty() {
@@ -417,6 +474,7 @@ impl Inventory {
             min_healthy: r.min_healthy(lb_t),
             lock_host: String::new(),
             lock_lease: r.duration(lb_t, "balancer", "lock_lease", Some("60s")),
+            upstream_block: r.upstream_block(lb_t),
         };
         if balancer.lock_lease < Duration::from_secs(3) {
             r.problem(
@@ -468,6 +526,19 @@ impl Inventory {
         }
 
         let hosts = r.hosts(&root);
+        if !balancer.upstream_block.allows_backup() {
+            for (i, host) in hosts.iter().enumerate() {
+                if host.server.backup {
+                    r.problem(
+                        format!("hosts[{i}].backup"),
+                        format!(
+                            "nginx does not allow backup servers with balancer.upstream_block.balance = {:?}",
+                            balancer.upstream_block.balance.as_deref().unwrap_or_default()
+                        ),
+                    );
+                }
+            }
+        }
         if !r.problems.is_empty() {
             return Err(r.finish());
         }
@@ -911,6 +982,94 @@ impl Reader {
         out
     }
 
+    /// An optional whole number from `min` up, for nginx parameters.
+    fn optional_count(&mut self, t: &Table, section: &str, key: &str, min: i64) -> Option<u32> {
+        t.get(key)?;
+        Some(self.integer(t, section, key, None, min, 1_000_000) as u32)
+    }
+
+    fn flag(&mut self, t: &Table, section: &str, key: &str) -> bool {
+        match t.get(key) {
+            None => false,
+            Some(Value::Boolean(b)) => *b,
+            Some(other) => {
+                self.problem(
+                    join(section, key),
+                    format!("must be true or false, got {}", other.type_str()),
+                );
+                false
+            }
+        }
+    }
+
+    /// A duration in nginx's own syntax (`10s`, `500ms`, `1m`), written as given.
+    fn nginx_time(&mut self, t: &Table, section: &str, key: &str) -> Option<String> {
+        let text = self.optional_string(t, section, key)?;
+        let valid = text
+            .strip_suffix("ms")
+            .or_else(|| text.strip_suffix(['s', 'm', 'h']))
+            .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()));
+        if !valid {
+            self.problem(
+                join(section, key),
+                format!("{text:?} is not an nginx time like \"500ms\", \"10s\" or \"1m\""),
+            );
+            return None;
+        }
+        Some(text)
+    }
+
+    fn upstream_block(&mut self, lb: &Table) -> UpstreamBlock {
+        let s = "balancer.upstream_block";
+        let t = match lb.get("upstream_block") {
+            None => return UpstreamBlock::default(),
+            Some(Value::Table(t)) => t,
+            Some(other) => {
+                self.problem(s, format!("must be a table, got {}", other.type_str()));
+                return UpstreamBlock::default();
+            }
+        };
+        self.unknown_keys(
+            s,
+            t,
+            &[
+                "zone",
+                "balance",
+                "keepalive",
+                "keepalive_timeout",
+                "keepalive_requests",
+            ],
+        );
+        let zone = self.optional_string(t, s, "zone");
+        if let Some(size) = &zone {
+            let digits = size.strip_suffix(['k', 'K', 'm', 'M']).unwrap_or(size);
+            if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
+                self.problem(
+                    join(s, "zone"),
+                    format!("{size:?} is not a size like \"64k\" or \"1m\""),
+                );
+            }
+        }
+        let balance = self.optional_string(t, s, "balance");
+        if let Some(method) = &balance
+            && !is_balance(method)
+        {
+            self.problem(
+                join(s, "balance"),
+                format!(
+                    "{method:?} is not one of least_conn, ip_hash, random, random two [least_conn], hash <key> [consistent]"
+                ),
+            );
+        }
+        UpstreamBlock {
+            zone,
+            balance,
+            keepalive: self.optional_count(t, s, "keepalive", 1),
+            keepalive_timeout: self.nginx_time(t, s, "keepalive_timeout"),
+            keepalive_requests: self.optional_count(t, s, "keepalive_requests", 1),
+        }
+    }
+
     fn hosts(&mut self, root: &Table) -> Vec<Host> {
         let items = match root.get("hosts") {
             None => {
@@ -941,7 +1100,25 @@ impl Reader {
                 self.problem(section, format!("must be a table, got {}", item.type_str()));
                 continue;
             };
-            self.unknown_keys(&section, t, &["name", "address", "user"]);
+            self.unknown_keys(
+                &section,
+                t,
+                &[
+                    "name",
+                    "address",
+                    "user",
+                    "max_fails",
+                    "fail_timeout",
+                    "max_conns",
+                    "backup",
+                ],
+            );
+            let server = ServerParams {
+                max_fails: self.optional_count(t, &section, "max_fails", 0),
+                fail_timeout: self.nginx_time(t, &section, "fail_timeout"),
+                max_conns: self.optional_count(t, &section, "max_conns", 0),
+                backup: self.flag(t, &section, "backup"),
+            };
             let name = self.word(t, &section, "name", None);
             let user = t
                 .contains_key("user")
@@ -974,9 +1151,24 @@ impl Reader {
                 name,
                 address,
                 user,
+                server,
             });
         }
         hosts
+    }
+}
+
+/// nginx's balancing methods, with a `hash` key made of variables and plain characters only:
+/// it is written into the upstream file as it is.
+fn is_balance(method: &str) -> bool {
+    let words: Vec<&str> = method.split_whitespace().collect();
+    match words.as_slice() {
+        ["least_conn"] | ["ip_hash"] | ["random"] | ["random", "two"] => true,
+        ["random", "two", "least_conn"] => true,
+        ["hash", key] | ["hash", key, "consistent"] => key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '$' | '_' | '-' | '.' | ':' | '/')),
+        _ => false,
     }
 }
 

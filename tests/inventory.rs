@@ -217,3 +217,43 @@ fn adopting_blue_green_needs_app_port_apart_from_both_slots() {
         Some("systemctl stop shop")
     );
 }
+
+#[test]
+fn the_upstream_block_and_server_parameters_are_checked_key_by_key() {
+    let text = MINIMAL.replace(
+        "[[hosts]]\n",
+        "[balancer.upstream_block]\nzone = \"lots\"\nbalance = \"hash $remote_addr; evil\"\nkeepalive = 0\nkeepalive_timeout = \"soon\"\nkeepalive_requets = 5\n[[hosts]]\nmax_fails = \"3\"\nfail_timeout = \"10 s\"\nmax_conns = -1\nbackup = \"yes\"\n",
+    );
+    assert_eq!(
+        problems(&text),
+        vec![
+            "balancer.upstream_block.keepalive_requets: unknown key (expected one of: zone, balance, keepalive, keepalive_timeout, keepalive_requests)",
+            "balancer.upstream_block.zone: \"lots\" is not a size like \"64k\" or \"1m\"",
+            "balancer.upstream_block.balance: \"hash $remote_addr; evil\" is not one of least_conn, ip_hash, random, random two [least_conn], hash <key> [consistent]",
+            "balancer.upstream_block.keepalive: must be between 1 and 1000000, got 0",
+            "balancer.upstream_block.keepalive_timeout: \"soon\" is not an nginx time like \"500ms\", \"10s\" or \"1m\"",
+            "hosts[0].max_fails: must be an integer, got string",
+            "hosts[0].fail_timeout: \"10 s\" is not an nginx time like \"500ms\", \"10s\" or \"1m\"",
+            "hosts[0].max_conns: must be between 0 and 1000000, got -1",
+            "hosts[0].backup: must be true or false, got string",
+        ]
+    );
+    let hashed = MINIMAL.replace(
+        "[[hosts]]\n",
+        "[balancer.upstream_block]\nbalance = \"hash $request_uri consistent\"\n[[hosts]]\nbackup = true\n",
+    );
+    assert_eq!(
+        problems(&hashed),
+        vec![
+            "hosts[0].backup: nginx does not allow backup servers with balancer.upstream_block.balance = \"hash $request_uri consistent\""
+        ]
+    );
+    let good = MINIMAL.replace(
+        "[[hosts]]\n",
+        "[balancer.upstream_block]\nzone = \"64k\"\nbalance = \"least_conn\"\nkeepalive = 8\n[[hosts]]\nmax_fails = 2\nbackup = true\n",
+    );
+    let inv = Inventory::parse(&good).unwrap();
+    assert_eq!(inv.balancer.upstream_block.keepalive, Some(8));
+    assert_eq!(inv.hosts[0].server.max_fails, Some(2));
+    assert!(inv.hosts[0].server.backup);
+}
