@@ -5,7 +5,9 @@
 //!
 //! One fleet of four hosts behind an nginx with two workers, under steady GET and POST load,
 //! goes through several rollouts in a row: rolling at batch 1 and 2, a failed batch rolled
-//! back, `rollback-all`, and a canary.
+//! back, `rollback-all`, and a canary. The upstream block is a production one: pooled
+//! keep-alive connections to the servers, least_conn, a shared zone, per-server parameters.
+//! Every rewrite must keep it, and idle pooled connections must not hold a drain.
 
 mod e2e;
 
@@ -113,9 +115,77 @@ fn parse_access_log(text: &str) -> Vec<Logged> {
     out
 }
 
-fn canary_inventory(fleet: &Fleet) -> PathBuf {
+/// The fleet's inventory with the upstream block people run in production, and `edit` applied.
+fn production_inventory(fleet: &Fleet, name: &str, edit: impl FnOnce(&mut toml::Table)) -> PathBuf {
     let text = std::fs::read_to_string(fleet.inventory_path()).unwrap();
     let mut doc: toml::Table = text.parse().unwrap();
+    let mut block = toml::Table::new();
+    block.insert("zone".into(), "64k".into());
+    block.insert("balance".into(), "least_conn".into());
+    block.insert("keepalive".into(), 16.into());
+    block.insert("keepalive_timeout".into(), "60s".into());
+    doc["balancer"]
+        .as_table_mut()
+        .unwrap()
+        .insert("upstream_block".into(), block.into());
+    for host in doc["hosts"].as_array_mut().unwrap() {
+        let host = host.as_table_mut().unwrap();
+        host.insert("max_fails".into(), 3.into());
+        host.insert("fail_timeout".into(), "5s".into());
+        host.insert("max_conns".into(), 500.into());
+    }
+    edit(&mut doc);
+    let path = fleet.root().join(name);
+    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
+    path
+}
+
+/// What every rewrite of the upstream file must keep.
+fn assert_block_kept(fleet: &Fleet, after: &str) {
+    let text = fleet.upstream_text();
+    for kept in [
+        "zone shop 64k;",
+        "least_conn;",
+        "keepalive 16;",
+        "keepalive_timeout 60s;",
+    ] {
+        assert!(text.contains(kept), "{kept} lost after {after}:\n{text}");
+    }
+    assert_eq!(
+        text.matches(" max_fails=3 fail_timeout=5s max_conns=500")
+            .count(),
+        4,
+        "server parameters lost after {after}:\n{text}"
+    );
+}
+
+/// Idle keep-alive connections to a drained host close with the old workers, so every drain
+/// must end by its quiet window, well before the fleet's drain_timeout (10 s): a drain that
+/// ran into it fails the step, and one held by pooled connections would come close to it.
+fn assert_drains_quick(run: &Run, rollout: &str) {
+    let mut drains = 0;
+    for event in run.lines.iter().filter(|l| l["event"] == "step") {
+        let step = &event["step"];
+        if step["phase"] != "drain" {
+            continue;
+        }
+        assert_ne!(step["state"], "failed", "{rollout}: a drain failed: {step}");
+        if step["state"] == "succeeded" {
+            drains += 1;
+            let ms = step["elapsed_ms"].as_u64().unwrap();
+            assert!(ms < 5_000, "{rollout}: a drain took {ms} ms: {step}");
+        }
+    }
+    assert!(drains > 0, "{rollout}: no drain succeeded");
+}
+
+fn canary_inventory(fleet: &Fleet) -> PathBuf {
+    production_inventory(fleet, "inventory-canary.toml", |doc| {
+        canary_section(fleet, doc)
+    })
+}
+
+fn canary_section(fleet: &Fleet, doc: &mut toml::Table) {
     doc.insert("strategy".into(), "canary".into());
     let mut section = toml::Table::new();
     section.insert(
@@ -133,9 +203,6 @@ fn canary_inventory(fleet: &Fleet) -> PathBuf {
     section.insert("hold".into(), "3s".into());
     section.insert("min_requests".into(), 10.into());
     doc.insert("canary".into(), section.into());
-    let path = fleet.root().join("inventory-canary.toml");
-    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
-    path
 }
 
 fn hosts_report(run: &Run) -> Vec<(String, String, bool)> {
@@ -161,7 +228,13 @@ fn report_is(run: &Run, code: i32, outcome: &str) {
 #[test]
 fn nginx_sends_no_request_to_a_host_roller_took_out_of_the_pool() {
     let fleet = Fleet::up(FleetSpec::for_test("out-of-pool", 4)).unwrap();
-    let health_timeout = inventory_with(&fleet, &[("health", "timeout", "4s".into())]);
+    let inventory = production_inventory(&fleet, "inventory-production.toml", |_| {});
+    let health_timeout = production_inventory(&fleet, "inventory-health-4s.toml", |doc| {
+        doc["health"]
+            .as_table_mut()
+            .unwrap()
+            .insert("timeout".into(), "4s".into());
+    });
     let mut options = LoadOptions::new(6);
     options.pause = Duration::from_millis(2);
     options.post_percent = 30;
@@ -174,14 +247,18 @@ fn nginx_sends_no_request_to_a_host_roller_took_out_of_the_pool() {
     let mut outs = Vec::new();
 
     let v2 = fleet.jar(&JarSpec::healthy("v2")).unwrap();
-    let run = rollout(&fleet.inventory_path(), &v2, "v2", "1");
+    let run = rollout(&inventory, &v2, "v2", "1");
     report_is(&run, 0, "succeeded");
     outs.extend(out_of_pool(&run, "rolling, batch 1"));
+    assert_block_kept(&fleet, "rolling, batch 1");
+    assert_drains_quick(&run, "rolling, batch 1");
 
     let v3 = fleet.jar(&JarSpec::healthy("v3")).unwrap();
-    let run = rollout(&fleet.inventory_path(), &v3, "v3", "2");
+    let run = rollout(&inventory, &v3, "v3", "2");
     report_is(&run, 0, "succeeded");
     outs.extend(out_of_pool(&run, "rolling, batch 2"));
+    assert_block_kept(&fleet, "rolling, batch 2");
+    assert_drains_quick(&run, "rolling, batch 2");
 
     // A release that never turns healthy: its batch goes back to v3.
     let bad = fleet
@@ -191,6 +268,8 @@ fn nginx_sends_no_request_to_a_host_roller_took_out_of_the_pool() {
     report_is(&run, 4, "rolled-back");
     assert_eq!(run.report()["failure"]["step"], "health-check");
     outs.extend(out_of_pool(&run, "failed batch rolled back"));
+    assert_block_kept(&fleet, "failed batch rolled back");
+    assert_drains_quick(&run, "failed batch rolled back");
 
     // rollback-all: web-1 is done when web-2's copy of the release breaks, so both go back.
     let v4 = fleet.jar(&JarSpec::healthy("v4")).unwrap();
@@ -215,12 +294,16 @@ fn nginx_sends_no_request_to_a_host_roller_took_out_of_the_pool() {
         ]
     );
     outs.extend(out_of_pool(&run, "rollback-all"));
+    assert_block_kept(&fleet, "rollback-all");
+    assert_drains_quick(&run, "rollback-all");
 
     // A canary at half its share, then the rest of the fleet one host at a time.
     let v5 = fleet.jar(&JarSpec::healthy("v5")).unwrap();
     let run = rollout(&canary_inventory(&fleet), &v5, "v5", "1");
     report_is(&run, 0, "succeeded");
     outs.extend(out_of_pool(&run, "canary"));
+    assert_block_kept(&fleet, "canary");
+    assert_drains_quick(&run, "canary");
 
     let traffic = load.stop();
     assert_no_failed_requests(&traffic);

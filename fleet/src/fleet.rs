@@ -1456,7 +1456,7 @@ fi
 
 echo "$(date -u +%FT%TZ) [restart] starting $(readlink shop/current)" >>app.log
 setsid nohup "$java" -Xmx64m -Xss512k -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:-UsePerfData \
-    -Dserver.address="$address" -Dserver.port="$port" \
+    -Dserver.address="$address" -Dserver.port="$port" -Dsun.net.httpserver.nodelay=true \
     -jar "$here/shop/current/app.jar" </dev/null >>app.log 2>&1 &
 echo $! >app.pid
 echo "started pid $!"
@@ -1579,7 +1579,7 @@ stop_slot || exit 1
 
 echo "$(date -u +%FT%TZ) [$slot] starting $(readlink "shop/current-$slot") on port $port" >>"$log"
 setsid nohup "$java" -Xmx64m -Xss512k -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:-UsePerfData \
-    -Dserver.address="$address" -Dserver.port="$port" \
+    -Dserver.address="$address" -Dserver.port="$port" -Dsun.net.httpserver.nodelay=true \
     -jar "$jar" </dev/null >>"$log" 2>&1 &
 echo $! >"$pidfile"
 echo "started $slot pid $!"

@@ -76,6 +76,8 @@ impl Nginx {
         // workers that keep accepting for a moment, which is what roller must wait out.
         // `$msec $request_time` (when the request ended, and for how long it ran) let a test
         // tell when nginx sent a request to a server; roller's canary reads the first three.
+        // HTTP/1.1 without `Connection: close` to the servers lets an inventory's upstream
+        // `keepalive` pool connections, as production configurations do.
         let conf = format!(
             "# Written by roller-fleet: the load balancer of a local fleet.\n\
              {user}\
@@ -101,6 +103,8 @@ impl Nginx {
              \x20       listen {listen};\n\
              \x20       location / {{\n\
              \x20           proxy_pass http://{UPSTREAM};\n\
+             \x20           proxy_http_version 1.1;\n\
+             \x20           proxy_set_header Connection \"\";\n\
              \x20       }}\n\
              \x20   }}\n\
              }}\n",
