@@ -205,21 +205,6 @@ fn canary_section(fleet: &Fleet, doc: &mut toml::Table) {
     doc.insert("canary".into(), section.into());
 }
 
-fn hosts_report(run: &Run) -> Vec<(String, String, bool)> {
-    run.report()["hosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| {
-            (
-                h["name"].as_str().unwrap().to_string(),
-                h["outcome"].as_str().unwrap().to_string(),
-                h["in_pool"].as_bool().unwrap(),
-            )
-        })
-        .collect()
-}
-
 fn report_is(run: &Run, code: i32, outcome: &str) {
     assert_eq!(run.code, Some(code), "{}", run.stderr);
     assert_eq!(run.report()["outcome"], outcome, "{:#}", run.report());
@@ -287,7 +272,7 @@ fn nginx_sends_no_request_to_a_host_roller_took_out_of_the_pool() {
     report_is(&run, 4, "rolled-back");
     assert_eq!(run.report()["failure"]["batch"], 2);
     assert_eq!(
-        hosts_report(&run)[..2],
+        report_hosts(&run)[..2],
         [
             ("web-1".to_string(), "rolled-back".to_string(), true),
             ("web-2".to_string(), "rolled-back".to_string(), true),
