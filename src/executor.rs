@@ -753,13 +753,7 @@ impl<'a> Executor<'a> {
                 self.advance(batch, phase.name, &failed);
             }
         }
-        let updated: Vec<String> = batch
-            .hosts
-            .iter()
-            .filter(|h| !failed.contains(*h))
-            .cloned()
-            .collect();
-        self.set_outcome(&updated, HostOutcome::Updated);
+        self.mark_updated(batch, &failed);
         Ok(())
     }
 
@@ -789,13 +783,7 @@ impl<'a> Executor<'a> {
         let refused = refused.into_iter().next().expect("at least one");
         match result {
             Ok(()) => {
-                let updated: Vec<String> = batch
-                    .hosts
-                    .iter()
-                    .filter(|h| !failed.contains(*h))
-                    .cloned()
-                    .collect();
-                self.set_outcome(&updated, HostOutcome::Updated);
+                self.mark_updated(batch, failed);
                 // The next batch never left the pool: its rollback must not rewrite it.
                 self.pool_changed
                     .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -1384,6 +1372,13 @@ impl<'a> Executor<'a> {
 
     fn note(&self, note: String) {
         self.notes.lock().expect("notes lock").push(note);
+    }
+
+    /// Every host of the batch that did not fail now runs the release.
+    fn mark_updated(&self, batch: &Batch, failed: &BTreeSet<String>) {
+        for name in batch.hosts.iter().filter(|h| !failed.contains(*h)) {
+            self.with_host(name, |h| h.outcome = Some(HostOutcome::Updated));
+        }
     }
 
     fn set_outcome(&self, names: &[String], outcome: HostOutcome) {
