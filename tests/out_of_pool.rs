@@ -186,23 +186,15 @@ fn canary_inventory(fleet: &Fleet) -> PathBuf {
 }
 
 fn canary_section(fleet: &Fleet, doc: &mut toml::Table) {
-    doc.insert("strategy".into(), "canary".into());
-    let mut section = toml::Table::new();
-    section.insert(
-        "access_log".into(),
-        fleet
-            .access_log_path()
-            .to_string_lossy()
-            .into_owned()
-            .into(),
+    make_canary(
+        fleet,
+        doc,
+        &[
+            ("weights", toml::Value::Array(vec![50.into(), 100.into()])),
+            ("hold", "3s".into()),
+            ("min_requests", 10.into()),
+        ],
     );
-    section.insert(
-        "weights".into(),
-        toml::Value::Array(vec![50.into(), 100.into()]),
-    );
-    section.insert("hold".into(), "3s".into());
-    section.insert("min_requests".into(), 10.into());
-    doc.insert("canary".into(), section.into());
 }
 
 fn report_is(run: &Run, code: i32, outcome: &str) {

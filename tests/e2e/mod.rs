@@ -296,6 +296,14 @@ fn is_step(event: &Value, phase: &str, target: &str, state: &str) -> bool {
 pub fn canary_inventory(fleet: &Fleet, canary: &[(&str, toml::Value)]) -> PathBuf {
     let text = std::fs::read_to_string(fleet.inventory_path()).unwrap();
     let mut doc: toml::Table = text.parse().unwrap();
+    make_canary(fleet, &mut doc, canary);
+    let path = fleet.root().join("inventory-canary.toml");
+    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
+    path
+}
+
+/// Turns an inventory document into a canary one reading the fleet's access log.
+pub fn make_canary(fleet: &Fleet, doc: &mut toml::Table, canary: &[(&str, toml::Value)]) {
     doc.insert("strategy".into(), "canary".into());
     let mut section = toml::Table::new();
     section.insert(
@@ -310,9 +318,6 @@ pub fn canary_inventory(fleet: &Fleet, canary: &[(&str, toml::Value)]) -> PathBu
         section.insert(key.to_string(), value.clone());
     }
     doc.insert("canary".into(), section.into());
-    let path = fleet.root().join("inventory-canary.toml");
-    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
-    path
 }
 
 /// Each host of the final report as (name, outcome, in pool).
