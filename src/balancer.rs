@@ -52,7 +52,9 @@ pub trait Balancer: Send + Sync {
     fn apply_command(&self) -> String;
     /// Validates the live configuration without changing anything.
     fn test_command(&self) -> String;
-    /// Prints the number of requests from this load balancer still in flight to `hosts`.
+    /// Prints the number of connections from this load balancer still open to `hosts` and,
+    /// on a second line where it can tell, how many of its processes from before the last pool
+    /// change are still alive: 0 there means everything left routes with the current pool.
     fn in_flight_command(&self, hosts: &[&Host]) -> String;
     /// The hosts that a configuration printed by [`Balancer::test_command`] marks down.
     fn parse_down(&self, output: &str) -> BTreeSet<String>;
@@ -265,9 +267,15 @@ impl Balancer for Nginx {
             .map(|h| format!("dst {}", self.socket(h)))
             .collect::<Vec<_>>()
             .join(" or ");
+        // A worker from before a reload calls itself "shutting down" until its last request
+        // ends; the master's PID is checked like at every pool change, and where it cannot be
+        // read the second line is left out, so the caller falls back to a quiet window.
         format!(
-            "ss -Htn state established {} | wc -l",
-            quote(&format!("( {filter} )"))
+            "ss -Htn state established {} | wc -l; m=$(cat {pid} 2>/dev/null); \
+             case \"$(tr '\\0' ' ' < \"/proc/${{m:-0}}/cmdline\" 2>/dev/null)\" in \"nginx: master process\"*) \
+             ps -o args= --ppid \"$m\" | grep -c 'worker process is shutting down' || true ;; esac",
+            quote(&format!("( {filter} )")),
+            pid = quote(&self.config.pid_file),
         )
     }
 }
@@ -413,7 +421,10 @@ mod tests {
         let hosts: Vec<&Host> = n.hosts.iter().collect();
         assert_eq!(
             n.in_flight_command(&hosts),
-            "ss -Htn state established '( dst 10.0.1.11:8080 or dst [fd00::12]:8080 )' | wc -l"
+            "ss -Htn state established '( dst 10.0.1.11:8080 or dst [fd00::12]:8080 )' | wc -l; \
+             m=$(cat /run/nginx.pid 2>/dev/null); \
+             case \"$(tr '\\0' ' ' < \"/proc/${m:-0}/cmdline\" 2>/dev/null)\" in \"nginx: master process\"*) \
+             ps -o args= --ppid \"$m\" | grep -c 'worker process is shutting down' || true ;; esac"
         );
     }
 }

@@ -1134,11 +1134,19 @@ impl<'a> Executor<'a> {
                                 humantime::format_duration(*timeout)
                             )
                         })?;
-                    let open: u64 = out
-                        .trim()
-                        .parse()
-                        .map_err(|_| format!("unexpected connection count {out:?}"))?;
+                    let mut lines = out.lines();
+                    let open: u64 = lines
+                        .next()
+                        .and_then(|l| l.trim().parse().ok())
+                        .ok_or_else(|| format!("unexpected connection count {out:?}"))?;
+                    let retiring: Option<u64> = lines.next().and_then(|l| l.trim().parse().ok());
                     let now = Instant::now();
+                    // With no process left from before the pool change, everything that routes
+                    // has the batch out of its pool: no connection to it can open again, so
+                    // one sample of none is the drain, and the quiet window is not needed.
+                    if open == 0 && retiring == Some(0) {
+                        return Ok(StepDone::Done);
+                    }
                     if open == 0 {
                         let since = *quiet_since.get_or_insert(now);
                         if now.duration_since(since) >= *quiet {

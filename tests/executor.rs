@@ -50,6 +50,8 @@ struct World {
     healthy: Vec<String>,
     upstream: String,
     in_flight: Vec<u64>,
+    /// Whether the LB reports its workers from before the last reload (none are left).
+    reports_retiring: bool,
     lb_test_fails: bool,
     /// Hosts whose process dies whenever it is restarted.
     broken: Vec<String>,
@@ -94,7 +96,11 @@ fn fleet(world: Arc<Mutex<World>>) -> MemoryFleet {
             } else {
                 w.in_flight.remove(0)
             };
-            return ok(&format!("{n}\n"));
+            return if w.reports_retiring {
+                ok(&format!("{n}\n0\n"))
+            } else {
+                ok(&format!("{n}\n"))
+            };
         }
         if cmd.contains("echo present") {
             return ok("absent\n");
@@ -360,6 +366,28 @@ async fn within_a_batch_the_host_changes_only_after_it_left_the_pool_and_drained
     );
     // Each of the three batches polls until it has been quiet for a while.
     assert!(drained_polls >= 4 + 3 + 3 + 3, "{drained_polls} polls");
+}
+
+#[tokio::test]
+async fn once_no_worker_from_before_the_reload_is_left_one_sample_without_connections_is_the_drain()
+{
+    let world = world();
+    {
+        let mut w = world.lock().unwrap();
+        w.reports_retiring = true;
+        w.in_flight = vec![2, 1, 0];
+    }
+    let fleet = fleet(world.clone());
+    let (result, _) = rollout(&fleet, BatchSize::Hosts(1)).await;
+    assert_eq!(result.unwrap().outcome, Outcome::Succeeded);
+    let polls = fleet
+        .calls()
+        .iter()
+        .filter(|c| matches!(c, Call::Exec { command, .. } if command.starts_with("ss -Htn")))
+        .count();
+    // Batch 1 waits out its two busy samples, then each batch stops at its first quiet one:
+    // no quiet window is waited once nothing routes with the old pool.
+    assert_eq!(polls, 3 + 1 + 1);
 }
 
 #[tokio::test]
