@@ -423,6 +423,9 @@ fn bench(hosts: usize, root: Option<PathBuf>) -> anyhow::Result<bool> {
         .output()
         .context("running roller")?;
     fleet.down();
+    let events_file = roller_fleet::target_dir().join("fleet-bench-events.jsonl");
+    std::fs::write(&events_file, &out.stdout)
+        .with_context(|| format!("writing {}", events_file.display()))?;
     if !out.status.success() {
         bail!(
             "the rollout failed ({}): {}",
