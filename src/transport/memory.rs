@@ -1,6 +1,9 @@
 //! An in-memory transport for unit tests of the executor: every host is answered by one
 //! scripted function, and every call is recorded in order, so tests can assert what roller
 //! would have run without a real server adding anything.
+//!
+//! Compiled only with the `testing` feature, which roller's own tests turn on through their
+//! dev-dependency on the crate: the release binary carries no fake transport.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -3,6 +3,7 @@
 //! Everything roller does to a host goes through [`Transport`], so the executor can run over
 //! real SSH in production and over an in-memory fake in unit tests.
 
+#[cfg(feature = "testing")]
 pub mod memory;
 pub mod reconnect;
 pub mod ssh;
