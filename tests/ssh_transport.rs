@@ -92,8 +92,10 @@ async fn upload_arrives_byte_exact() {
     assert!(out.stdout == data[..], "echoed bytes differ");
 }
 
+/// Prints the upload speed on a line `cargo xtask bench` reads and reports: how fast is a
+/// question for that bench, on a quiet machine, not for a test sharing two cores with others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upload_throughput_of_a_100_mb_jar() {
+async fn a_100_mb_jar_uploads_whole() {
     let host = start_host(3, false);
     let ssh = host.connect().await;
     let data = Bytes::from(vec![0x5a; 100 * 1024 * 1024]);
@@ -108,8 +110,6 @@ async fn upload_throughput_of_a_100_mb_jar() {
     assert_eq!(out.stdout_text(), data.len().to_string());
     let mb_per_s = data.len() as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64();
     eprintln!("uploaded 100 MiB in {elapsed:?}: {mb_per_s:.0} MiB/s");
-    // Loose floor: other tests share the two cores; a hang or per-packet stall shows far below.
-    assert!(mb_per_s > 10.0, "upload too slow: {mb_per_s:.1} MiB/s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,13 +283,32 @@ async fn key_not_authorized_is_an_auth_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_concurrent_execs_share_one_connection() {
     let host = start_host(9, false);
+    let settings = host.settings();
+    let in_flight = settings.max_channels_per_host;
+    assert!(
+        (2..=20).contains(&in_flight),
+        "the transport's channel cap is {in_flight}; this test needs 2 to 20"
+    );
     let ssh = host.connect().await;
+    let arrived = host.dir.path().join("arrived");
+    std::fs::create_dir(&arrived).unwrap();
 
+    // A rendezvous on the host: each command marks its arrival, then waits until as many
+    // commands as the transport runs at once have arrived. Run one after another, the first
+    // would wait alone and give up after 10 s, so passing proves the calls overlapped in time.
     let runs = (0..20).map(|i| {
         let ssh = ssh.clone();
+        let command = format!(
+            "cd '{dir}' && touch {i} && waited=0 && \
+             while [ \"$(ls | wc -l)\" -lt {in_flight} ]; do \
+                 [ $waited -ge 1000 ] && echo \"alone after 10s\" >&2 && exit 9; \
+                 sleep 0.01; waited=$((waited + 1)); \
+             done && echo {i}",
+            dir = arrived.display(),
+        );
         async move {
             let out = ssh
-                .exec(&format!("sleep 0.2; echo {i}"), None, DEADLINE)
+                .exec(&command, None, DEADLINE)
                 .await
                 .unwrap_or_else(|e| panic!("exec {i}: {e}"));
             assert!(out.success(), "exec {i}: {out:?}");
@@ -297,6 +316,7 @@ async fn twenty_concurrent_execs_share_one_connection() {
         }
     });
     futures::future::join_all(runs).await;
+    assert_eq!(std::fs::read_dir(&arrived).unwrap().count(), 20);
 
     // One connection: sshd logged exactly one login.
     assert_eq!(
