@@ -386,13 +386,59 @@ pub async fn preflight(
     }
 }
 
-/// Where the rollout's state is kept as it changes.
-pub struct StateSink {
-    /// The first load balancer's session.
+/// Where the executor keeps the rollout's state as it changes, for `resume` and `recover` to
+/// read back. Saving never fails the rollout: a store logs what it could not write.
+#[async_trait::async_trait]
+pub trait StateStore: Send + Sync {
+    async fn save(&self, state: &RolloutState);
+}
+
+/// The rollout's state in the local journal and on the lock host, where another machine's
+/// `resume` or `recover` finds it.
+pub struct JournalAndLockHost {
+    /// The lock host's session.
     pub session: Arc<dyn Transport>,
     pub state_dir: String,
     pub journal: Option<Arc<Journal>>,
-    pub state: Mutex<RolloutState>,
+}
+
+#[async_trait::async_trait]
+impl StateStore for JournalAndLockHost {
+    /// Both copies are written at once; the journal's fsync runs on a blocking thread so that
+    /// it never stalls the steps running on the async workers.
+    async fn save(&self, state: &RolloutState) {
+        let local = async {
+            if let Some(journal) = self.journal.clone() {
+                let state = state.clone();
+                if let Err(e) =
+                    tokio::task::spawn_blocking(move || journal.record_state(&state)).await
+                {
+                    tracing::warn!("cannot record the rollout state in the journal: {e}");
+                }
+            }
+        };
+        let remote = async {
+            let json = serde_json::to_vec_pretty(state).expect("state serializes");
+            let command = journal::write_state_command(&self.state_dir, &state.app);
+            if let Err(e) = run(
+                self.session.as_ref(),
+                &command,
+                Some(json.into()),
+                COMMAND_DEADLINE,
+            )
+            .await
+            {
+                tracing::warn!("cannot save the rollout state on the lock host: {e}");
+            }
+        };
+        tokio::join!(local, remote);
+    }
+}
+
+/// The state store a rollout writes to, and the state it starts from.
+pub struct KeptState<'a> {
+    pub store: &'a dyn StateStore,
+    pub initial: RolloutState,
 }
 
 /// What the executor knows about each app host as it goes.
@@ -417,7 +463,9 @@ pub struct Executor<'a> {
     reporter: Arc<dyn Reporter>,
     options: Options,
     interrupt: Interrupt,
-    sink: Option<&'a StateSink>,
+    store: Option<&'a dyn StateStore>,
+    /// The state last saved: the store's copy, updated from the hosts at every save.
+    state: Mutex<Option<RolloutState>>,
     started: Instant,
     hosts: Mutex<BTreeMap<String, HostState>>,
     /// Load balancers whose pool state is unknown after a failed apply.
@@ -463,7 +511,8 @@ pub struct ExecutorInput<'a> {
     pub reporter: Arc<dyn Reporter>,
     pub options: Options,
     pub interrupt: Interrupt,
-    pub sink: Option<&'a StateSink>,
+    /// Where the rollout's state is kept as it changes; `None` keeps it nowhere.
+    pub state: Option<KeptState<'a>>,
     /// From pre-flight: each host's live release and pool membership.
     pub observed: &'a Observation,
 }
@@ -504,7 +553,8 @@ impl<'a> Executor<'a> {
             reporter: input.reporter,
             options: input.options,
             interrupt: input.interrupt,
-            sink: input.sink,
+            store: input.state.as_ref().map(|k| k.store),
+            state: Mutex::new(input.state.map(|k| k.initial)),
             started: Instant::now(),
             hosts: Mutex::new(hosts),
             unsure_balancers: Mutex::new(BTreeSet::new()),
@@ -1445,15 +1495,17 @@ impl<'a> Executor<'a> {
         });
     }
 
-    /// Writes the rollout's state to the journal and to the load balancer. A failure to write
-    /// the remote copy is logged, not fatal: the local journal still has it.
+    /// Brings the rollout's state up to date with the hosts and hands it to the store.
     async fn save(&self, status: Status) {
-        let Some(sink) = self.sink else {
+        let Some(store) = self.store else {
             return;
         };
         let state = {
             let hosts = self.hosts.lock().expect("hosts lock");
-            let mut state = sink.state.lock().expect("state lock");
+            let mut state = self.state.lock().expect("state lock");
+            let Some(state) = state.as_mut() else {
+                return;
+            };
             state.status = status;
             state.updated = journal::now_secs();
             state.hosts = hosts
@@ -1467,21 +1519,12 @@ impl<'a> Executor<'a> {
                 .collect();
             state.clone()
         };
-        if let Some(journal) = &sink.journal {
-            journal.record_state(&state);
-        }
-        let json = serde_json::to_vec_pretty(&state).expect("state serializes");
-        let command = journal::write_state_command(&sink.state_dir, &state.app);
-        if let Err(e) = run(
-            sink.session.as_ref(),
-            &command,
-            Some(json.into()),
-            COMMAND_DEADLINE,
-        )
-        .await
-        {
-            tracing::warn!("cannot save the rollout state on the load balancer: {e}");
-        }
+        store.save(&state).await;
+    }
+
+    /// The rollout's state as last saved; `None` when it is kept nowhere.
+    pub fn last_state(&self) -> Option<RolloutState> {
+        self.state.lock().expect("state lock").clone()
     }
 
     fn report(&self, failure: Option<FailureAt>, interrupted: Option<String>) -> RolloutReport {

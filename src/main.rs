@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -13,7 +13,10 @@ use tokio::sync::watch;
 
 use roller::balancer::Nginx;
 use roller::error::{Error, HostFailure};
-use roller::executor::{self, Executor, ExecutorInput, FailurePolicy, Options, StateSink};
+use roller::executor::{
+    self, Executor, ExecutorInput, FailurePolicy, JournalAndLockHost, KeptState, Options,
+    StateStore,
+};
 use roller::health::HttpOverSsh;
 use roller::inventory::{Inventory, Strategy};
 use roller::journal::{self, Journal, Progress, RolloutState, Status, Tee};
@@ -1159,11 +1162,10 @@ async fn with_lock(
         balancers,
         live_slot: live_slot_before.or(live_slot),
     };
-    let sink = StateSink {
+    let store = JournalAndLockHost {
         session: sessions[&inv.balancer.lock_host].clone(),
         state_dir: inv.balancer.state_dir.clone(),
         journal: Some(journal.clone()),
-        state: Mutex::new(state),
     };
     let executor = Executor::new(ExecutorInput {
         plan: &plan,
@@ -1176,22 +1178,19 @@ async fn with_lock(
             ..job.options.clone()
         },
         interrupt,
-        sink: Some(&sink),
+        state: Some(KeptState {
+            store: &store,
+            initial: state,
+        }),
         observed: &observed,
     });
     let report: RolloutReport = executor.run().await?;
-    if matches!(job.kind, JobKind::Recover(_)) && report.outcome == Outcome::Succeeded {
-        let state = {
-            let mut s = sink.state.lock().expect("state lock");
-            s.status = Status::Recovered;
-            s.clone()
-        };
-        let json = serde_json::to_vec_pretty(&state).expect("state serializes");
-        let command = journal::write_state_command(&inv.balancer.state_dir, &inv.app.name);
-        let _ = sessions[&inv.balancer.lock_host]
-            .exec(&command, Some(json.into()), Duration::from_secs(30))
-            .await;
-        journal.record_state(&state);
+    if matches!(job.kind, JobKind::Recover(_))
+        && report.outcome == Outcome::Succeeded
+        && let Some(mut state) = executor.last_state()
+    {
+        state.status = Status::Recovered;
+        store.save(&state).await;
     }
     reporter.finish(&report);
     if job.output == Output::Text {

@@ -274,7 +274,7 @@ async fn rollout_full(
         reporter: recorder.clone(),
         options,
         interrupt,
-        sink: None,
+        state: None,
         observed: &observed,
     });
     (exec.run().await, recorder)
