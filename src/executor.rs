@@ -20,7 +20,7 @@ use crate::error::{Error, HostFailure, Result};
 use crate::health::{HealthCheck, HealthSpec};
 use crate::inventory::{Inventory, Slot, Strategy};
 use crate::journal::{self, Journal, Progress, RolloutState, Status};
-use crate::plan::{Action, Batch, Observed, Phase, PhaseName, Plan, Role, Step, is_release};
+use crate::plan::{Action, Batch, HostAtPreflight, Phase, PhaseName, Plan, Role, Step, is_release};
 use crate::remote::quote;
 use crate::report::{
     Event, FailureAt, HostOutcome, HostReport, Outcome, Reporter, RolloutReport, StepState,
@@ -159,14 +159,14 @@ pub async fn collect_sessions(
 
 /// What pre-flight found.
 #[derive(Debug, Clone, Default)]
-pub struct Observation {
-    pub hosts: BTreeMap<String, Observed>,
+pub struct FleetAtPreflight {
+    pub hosts: BTreeMap<String, HostAtPreflight>,
     /// The port the load balancers send traffic to, when every server of every load balancer
     /// shares one: for blue-green, the live slot.
     pub live_port: Option<u16>,
 }
 
-impl Observation {
+impl FleetAtPreflight {
     /// The live blue-green slot, from the port the load balancers use.
     pub fn live_slot(&self, inv: &Inventory) -> Option<Slot> {
         let bg = inv.blue_green.as_ref()?;
@@ -197,7 +197,7 @@ pub async fn preflight(
     sessions: &Sessions,
     artifact_bytes: Option<u64>,
     reporter: &dyn Reporter,
-) -> Result<Observation> {
+) -> Result<FleetAtPreflight> {
     let phase = Plan::preflight(inv, balancer);
     let started = Instant::now();
     let emit = |target: &str, state, elapsed: Option<Duration>, message: Option<String>| {
@@ -289,7 +289,7 @@ pub async fn preflight(
         (1, false) => ports.into_iter().next(),
         _ => None,
     };
-    let mut observation = Observation {
+    let mut observation = FleetAtPreflight {
         hosts: BTreeMap::new(),
         live_port,
     };
@@ -369,7 +369,7 @@ pub async fn preflight(
         };
         observation.hosts.insert(
             name.clone(),
-            Observed {
+            HostAtPreflight {
                 release,
                 healthy,
                 in_pool: !down.contains(&name),
@@ -514,7 +514,7 @@ pub struct ExecutorInput<'a> {
     /// Where the rollout's state is kept as it changes; `None` keeps it nowhere.
     pub state: Option<KeptState<'a>>,
     /// From pre-flight: each host's live release and pool membership.
-    pub observed: &'a Observation,
+    pub observed: &'a FleetAtPreflight,
 }
 
 impl<'a> Executor<'a> {

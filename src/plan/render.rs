@@ -1,0 +1,195 @@
+//! `roller plan` as an operator reads it: every command exactly as it will run, the upstream
+//! file each load balancer gets, and what runs instead on failure or interrupt.
+
+use super::{Action, Phase, Plan, Role};
+use crate::health::HealthSpec;
+
+impl Plan {
+    /// The plan as an operator reads it: every command exactly as it will run.
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        let artifact = match &self.artifact {
+            Some(a) => format!(
+                "{} ({} bytes, sha256 {})",
+                a.path.display(),
+                a.bytes,
+                a.sha256
+            ),
+            None => "not given: staging is left out of this plan".into(),
+        };
+        out.push_str(&format!(
+            "Plan: {} release {} ({} strategy), {} host(s) in {} batch(es), {} load balancer(s)\nArtifact: {artifact}\n",
+            self.app,
+            self.release,
+            serde_json::to_value(self.strategy).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+            self.hosts.len(),
+            self.batches.len(),
+            self.balancers.len(),
+        ));
+        out.push_str(
+            "Each command runs on its host as `exec sh -c '<command>'`, whatever the SSH user's login shell.\n",
+        );
+        render_phase(
+            &mut out,
+            "Pre-flight, before anything changes",
+            &self.preflight,
+        );
+        for s in &self.skipped {
+            out.push_str(&format!("\nSkipped: {} ({})", s.host, s.reason));
+        }
+        if !self.skipped.is_empty() {
+            out.push('\n');
+        }
+        render_phase(
+            &mut out,
+            "Stage, in parallel, skipped where the jar is already present",
+            &self.stage,
+        );
+        for batch in &self.batches {
+            out.push_str(&format!(
+                "\nBatch {} of {}: {}\n",
+                batch.number,
+                self.batches.len(),
+                batch.hosts.join(", ")
+            ));
+            if !batch.held_out.is_empty() {
+                out.push_str(&format!(
+                    "  Held out of the pool until their own batch (unhealthy at pre-flight): {}\n",
+                    batch.held_out.join(", ")
+                ));
+            }
+            if batch.taken_out {
+                out.push_str(&format!(
+                    "  Left the pool with batch {}'s return, in the same reload\n",
+                    batch.number - 1
+                ));
+            }
+            for (i, phase) in batch.phases.iter().enumerate() {
+                render_steps(&mut out, &format!("{}. {}", i + 1, phase.name), phase);
+            }
+            if let Some(alone) = &batch.return_alone {
+                out.push_str(
+                    "  If the next batch may not leave the pool, or on interrupt before that, instead of the last two:\n",
+                );
+                render_steps(&mut out, "return-to-pool", alone);
+            }
+            out.push_str("  On failure, roll this batch back:\n");
+            for (i, phase) in batch.rollback.iter().enumerate() {
+                render_steps(&mut out, &format!("R{}. {}", i + 1, phase.name), phase);
+            }
+            if !batch.undo.is_empty() {
+                out.push_str(
+                    "  With --on-failure rollback-all, after a later batch fails, undo this batch:\n",
+                );
+            }
+            for (i, phase) in batch.undo.iter().enumerate() {
+                render_steps(&mut out, &format!("U{}. {}", i + 1, phase.name), phase);
+            }
+        }
+        render_phase(&mut out, "Finish", &self.finish);
+        out
+    }
+}
+
+fn render_phase(out: &mut String, title: &str, phase: &Phase) {
+    out.push_str(&format!("\n{title}\n"));
+    render_steps(out, phase.name.as_str(), phase);
+}
+
+fn render_steps(out: &mut String, label: &str, phase: &Phase) {
+    if phase.steps.is_empty() {
+        out.push_str(&format!("  {label}: nothing to do\n"));
+    }
+    for step in &phase.steps {
+        let who = match step.role {
+            Role::App | Role::Fleet => step.target.clone(),
+            Role::Balancer => format!("lb {}", step.target),
+        };
+        match &step.action {
+            Action::Run { command } => {
+                out.push_str(&format!("  {label} {who}\n      $ {command}\n"));
+            }
+            Action::Upload { check, upload } => out.push_str(&format!(
+                "  {label} {who}\n      $ {check}\n      unless present, the jar on stdin to:\n      $ {upload}\n"
+            )),
+            Action::SetPool {
+                pool,
+                content,
+                command,
+            } => {
+                let mut down = if pool.down.is_empty() {
+                    "every host in the pool".to_string()
+                } else {
+                    format!("down: {}", pool.down.iter().cloned().collect::<Vec<_>>().join(", "))
+                };
+                if let Some(port) = pool.port {
+                    down.push_str(&format!(", traffic to port {port}"));
+                }
+                for (host, weight) in &pool.weights {
+                    down.push_str(&format!(", {host} at {weight}% of its share"));
+                }
+                out.push_str(&format!("  {label} {who} ({down}), upstream file:\n"));
+                for line in content.lines() {
+                    out.push_str(&format!("      | {line}\n"));
+                }
+                out.push_str(&format!("      $ {command}\n"));
+            }
+            Action::Drain {
+                command,
+                quiet,
+                timeout,
+            } => out.push_str(&format!(
+                "  {label} {who}: until it prints 0 for {} in a row, at most {}\n      $ {command}\n",
+                humantime::format_duration(*quiet),
+                humantime::format_duration(*timeout)
+            )),
+            Action::HealthCheck(HealthSpec {
+                address,
+                port,
+                path,
+                expect_status,
+                interval,
+                timeout,
+                successes,
+            }) => out.push_str(&format!(
+                "  {label} {who}: GET http://{address}:{port}{path} from the host, expect {expect_status} {successes} time(s) in a row, every {}, at most {}\n",
+                humantime::format_duration(*interval),
+                humantime::format_duration(*timeout)
+            )),
+            Action::Observe {
+                access_log,
+                hold,
+                canary,
+                weight,
+                judgement,
+            } => out.push_str(&format!(
+                "  {label} {who}: hold {} at {weight}% of the canary's share, then judge {} from {access_log}: abort above +{:.1} points of 5xx or {}x the others' mean upstream time, or below {} canary requests\n",
+                humantime::format_duration(*hold),
+                canary.join(", "),
+                judgement.max_error_rate_increase * 100.0,
+                judgement.max_latency_ratio,
+                judgement.min_requests,
+            )),
+            Action::AwaitDecision { file } => out.push_str(&format!(
+                "  {label} {who}: wait for `roller promote` or `roller abort` (they write {file})\n"
+            )),
+            Action::CapacityCheck {
+                staying,
+                returning,
+                min_healthy,
+                path,
+                port,
+                expect_status,
+            } => out.push_str(&format!(
+                "  {label}: at least {min_healthy} of {} healthy (GET :{port}{path} = {expect_status}) while the {} is out{}\n",
+                if staying.is_empty() { "(none)".to_string() } else { staying.join(", ") },
+                if returning.is_empty() { "batch" } else { "next batch" },
+                if returning.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} counted as back in the pool", returning.join(", "))
+                }
+            )),
+        }
+    }
+}
