@@ -634,6 +634,8 @@ fn connector(inv: &Inventory) -> Result<SshConnector, Error> {
         max_channels_per_host: 8,
         max_concurrent_connects: 8,
         allow_sha1_rsa: inv.ssh.allow_sha1_rsa,
+        proxy_jump: Vec::new(),
+        proxy_command: None,
     })
     .map_err(|e| Error::Preflight {
         failures: vec![HostFailure {

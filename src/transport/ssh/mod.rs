@@ -8,6 +8,8 @@
 
 mod auth;
 mod host_key;
+mod jump;
+mod proxy_command;
 mod session;
 
 use std::path::PathBuf;
@@ -22,6 +24,8 @@ use tokio::time::{Instant, sleep, timeout_at};
 use super::{Connector, Endpoint, Transport, TransportError};
 use auth::{Credentials, load_identity};
 use host_key::{HostKeyPolicy, host_key_algorithms, take_verdict};
+pub use jump::{Hop, parse_proxy_jump};
+pub use proxy_command::expand as expand_proxy_command;
 pub use session::{MAX_OUTPUT, SshTransport};
 
 /// Below OpenSSH's default MaxSessions (10): channels that we consider closed can still count
@@ -62,6 +66,11 @@ pub struct SshSettings {
     /// Accept `ssh-rsa` host-key signatures, which use SHA-1; off unless the inventory opts in
     /// (`ssh.allow_sha1_rsa`), as in OpenSSH since 8.8.
     pub allow_sha1_rsa: bool,
+    /// Bastions to pass through, first hop first (`ssh.proxy_jump`); empty connects directly.
+    pub proxy_jump: Vec<Hop>,
+    /// A local command whose stdin and stdout carry the connection (`ssh.proxy_command`);
+    /// wins over `proxy_jump`, as in OpenSSH.
+    pub proxy_command: Option<String>,
 }
 
 impl SshSettings {
@@ -75,6 +84,8 @@ impl SshSettings {
             max_channels_per_host: DEFAULT_MAX_CHANNELS_PER_HOST,
             max_concurrent_connects: DEFAULT_MAX_CONCURRENT_CONNECTS,
             allow_sha1_rsa: false,
+            proxy_jump: Vec::new(),
+            proxy_command: None,
         }
     }
 }
@@ -85,6 +96,7 @@ pub struct SshConnector {
     credentials: Credentials,
     config: Arc<client::Config>,
     connect_gate: Arc<Semaphore>,
+    bastions: jump::Bastions,
 }
 
 impl std::fmt::Debug for SshConnector {
@@ -133,6 +145,7 @@ impl SshConnector {
             settings,
             credentials,
             config: Arc::new(config),
+            bastions: jump::Bastions::default(),
         })
     }
 
@@ -140,8 +153,48 @@ impl SshConnector {
         &self.settings
     }
 
-    /// One TCP connect + key exchange + authentication.
+    /// One connection (direct, through the bastions, or over the proxy command) + key
+    /// exchange + authentication.
     async fn attempt(&self, endpoint: &Endpoint) -> Result<SshTransport, Attempt> {
+        let (policy, verdict) = self.host_key_policy(endpoint);
+        let user = endpoint.user.as_deref().unwrap_or(&self.settings.user);
+        let handle = if let Some(template) = &self.settings.proxy_command {
+            let stream = proxy_command::spawn(template, endpoint, user).map_err(Attempt::Fatal)?;
+            let stderr = stream.stderr();
+            let connected = client::connect_stream(self.config.clone(), stream, policy).await;
+            self.handshaken(connected, &verdict, endpoint)
+                .await
+                .map_err(|attempt| match attempt {
+                    Attempt::Transient(why) if !stderr.text().is_empty() => Attempt::Transient(
+                        format!("{why}; ssh.proxy_command said: {}", stderr.text()),
+                    ),
+                    other => other,
+                })?
+        } else if self.settings.proxy_jump.is_empty() {
+            let connected = client::connect(
+                self.config.clone(),
+                (endpoint.address.as_str(), endpoint.port),
+                policy,
+            )
+            .await;
+            self.handshaken(connected, &verdict, endpoint).await?
+        } else {
+            let stream = self.tunnel(&self.settings.proxy_jump, endpoint).await?;
+            let connected = client::connect_stream(self.config.clone(), stream, policy).await;
+            self.handshaken(connected, &verdict, endpoint).await?
+        };
+        Ok(SshTransport {
+            name: endpoint.name.clone(),
+            handle: Arc::new(handle),
+            channels: Semaphore::new(self.settings.max_channels_per_host.max(1)),
+        })
+    }
+
+    /// The known_hosts check for `endpoint`, and where it leaves its reason for a refusal.
+    fn host_key_policy(
+        &self,
+        endpoint: &Endpoint,
+    ) -> (HostKeyPolicy, Arc<Mutex<Option<TransportError>>>) {
         let verdict = Arc::new(Mutex::new(None));
         let policy = HostKeyPolicy {
             host: endpoint.address.clone(),
@@ -149,17 +202,21 @@ impl SshConnector {
             known_hosts: self.settings.known_hosts.clone(),
             verdict: verdict.clone(),
         };
-        let connected = client::connect(
-            self.config.clone(),
-            (endpoint.address.as_str(), endpoint.port),
-            policy,
-        )
-        .await;
+        (policy, verdict)
+    }
+
+    /// Authenticates a connection whose key exchange ended with `connected`.
+    async fn handshaken(
+        &self,
+        connected: Result<client::Handle<HostKeyPolicy>, russh::Error>,
+        verdict: &Mutex<Option<TransportError>>,
+        endpoint: &Endpoint,
+    ) -> Result<client::Handle<HostKeyPolicy>, Attempt> {
         let mut handle = match connected {
             Ok(handle) => handle,
             Err(e) => {
                 // russh reports a refused key as its own generic error; the policy knows why.
-                if let Some(refusal) = take_verdict(&verdict) {
+                if let Some(refusal) = take_verdict(verdict) {
                     return Err(Attempt::Fatal(refusal));
                 }
                 return Err(classify_connect_error(endpoint, e));
@@ -167,11 +224,7 @@ impl SshConnector {
         };
         let user = endpoint.user.as_deref().unwrap_or(&self.settings.user);
         auth::authenticate(&mut handle, &self.credentials, user, endpoint).await?;
-        Ok(SshTransport {
-            name: endpoint.name.clone(),
-            handle: Arc::new(handle),
-            channels: Semaphore::new(self.settings.max_channels_per_host.max(1)),
-        })
+        Ok(handle)
     }
 }
 
