@@ -3,23 +3,28 @@
 //! roller's integration tests and `cargo xtask fleet`/`demo` share this code so that what the
 //! tests prove is what a developer sees on their own machine.
 
+mod app;
 mod fleet;
 pub mod http;
+mod inventory;
 pub mod jar;
+mod lb;
 pub mod load;
 pub mod nginx;
 pub mod proc;
+mod scripts;
+mod spec;
 pub mod sshd;
+mod status;
 pub mod users;
 
 use std::path::PathBuf;
 
-pub use fleet::{
-    Fleet, FleetSpec, HostStatus, Mode, RESTART_SLOT, Role, SINGLE_APP_NAME, SLOTS, STOP,
-    STOP_SLOT, SlotStatus,
-};
+pub use fleet::{Fleet, RESTART_SLOT, SINGLE_APP_NAME, SLOTS, STOP, STOP_SLOT};
 pub use jar::{Behaviour, JarSpec, build_jar};
 pub use load::{Load, LoadOptions, LoadReport};
+pub use spec::{FleetSpec, Mode};
+pub use status::{HostStatus, Role, SlotStatus};
 
 /// Cargo's target directory, where fleets, jars and compiled classes are kept: `cargo clean`
 /// removes them and git ignores them.
