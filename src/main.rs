@@ -629,6 +629,7 @@ fn connector(inv: &Inventory) -> Result<SshConnector, Error> {
     SshConnector::new(SshSettings {
         user: inv.ssh.user.clone(),
         identity: inv.ssh.identity.clone(),
+        identity_passphrase: None,
         known_hosts: inv.ssh.known_hosts.clone(),
         connect_timeout: inv.ssh.connect_timeout,
         max_channels_per_host: 8,

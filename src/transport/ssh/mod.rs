@@ -55,8 +55,11 @@ const MAX_BACKOFF: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SshSettings {
     pub user: String,
-    /// Private key file; `None` uses the ssh-agent at `SSH_AUTH_SOCK`.
+    /// Private key file; `None` uses the ssh-agent at `SSH_AUTH_SOCK`. A certificate beside it
+    /// (`<identity>-cert.pub`) is offered too, as OpenSSH does.
     pub identity: Option<PathBuf>,
+    /// Decrypts a passphrase-protected identity file.
+    pub identity_passphrase: Option<String>,
     /// Checked strictly: an unknown host is refused, a changed key is refused loudly.
     pub known_hosts: PathBuf,
     /// Bounds TCP connect, key exchange and authentication together, retries included.
@@ -79,6 +82,7 @@ impl SshSettings {
         SshSettings {
             user: user.into(),
             identity,
+            identity_passphrase: None,
             known_hosts,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_channels_per_host: DEFAULT_MAX_CHANNELS_PER_HOST,
@@ -112,10 +116,18 @@ impl SshConnector {
     /// touched rather than once per host.
     pub fn new(settings: SshSettings) -> Result<Self, TransportError> {
         let credentials = match &settings.identity {
-            Some(path) => Credentials::Key {
-                path: path.clone(),
-                key: Arc::new(load_identity(&settings.user, path)?),
-            },
+            Some(path) => {
+                let (key, certificate) = load_identity(
+                    &settings.user,
+                    path,
+                    settings.identity_passphrase.as_deref(),
+                )?;
+                Credentials::Key {
+                    path: path.clone(),
+                    key: Arc::new(key),
+                    certificate,
+                }
+            }
             None => {
                 if std::env::var_os("SSH_AUTH_SOCK").is_none() {
                     return Err(TransportError::Auth {
