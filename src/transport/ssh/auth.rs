@@ -19,7 +19,7 @@ pub(super) enum Credentials {
         path: PathBuf,
         key: Arc<PrivateKey>,
         /// `<identity>-cert.pub`, where OpenSSH looks for a key's certificate.
-        certificate: Option<Certificate>,
+        certificate: Option<Box<Certificate>>,
     },
     Agent,
 }
@@ -54,7 +54,7 @@ pub(super) async fn authenticate(
             // one that lists the key may not trust the authority: offer both, certificate first.
             if let Some(certificate) = certificate {
                 let result = handle
-                    .authenticate_openssh_cert(user.clone(), key.clone(), certificate.clone())
+                    .authenticate_openssh_cert(user.clone(), key.clone(), (**certificate).clone())
                     .await
                     .map_err(|e| classify_connect_error(endpoint, e))?;
                 if result.success() {

@@ -125,7 +125,7 @@ impl SshConnector {
                 Credentials::Key {
                     path: path.clone(),
                     key: Arc::new(key),
-                    certificate,
+                    certificate: certificate.map(Box::new),
                 }
             }
             None => {
