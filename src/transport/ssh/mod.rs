@@ -36,8 +36,7 @@ pub const DEFAULT_MAX_CHANNELS_PER_HOST: usize = 8;
 pub const DEFAULT_MAX_CONCURRENT_CONNECTS: usize = 8;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Detects a dead peer on an otherwise idle connection between rollout steps.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+/// Unanswered keepalives after which a connection counts as lost.
 const KEEPALIVE_MAX: usize = 3;
 /// AES-GCM first: with AES-NI it uploaded a 100 MiB jar ~40% faster than russh's default
 /// chacha20-poly1305 on our test machine; the others remain for servers without it.
@@ -143,7 +142,7 @@ impl SshConnector {
         let config = client::Config {
             // Without it every small request/response exchange stalls ~40 ms on delayed ACKs.
             nodelay: true,
-            keepalive_interval: Some(KEEPALIVE_INTERVAL),
+            keepalive_interval: Some(keepalive_interval(settings.connect_timeout)),
             keepalive_max: KEEPALIVE_MAX,
             preferred: russh::Preferred {
                 cipher: std::borrow::Cow::Borrowed(CIPHERS),
@@ -284,6 +283,15 @@ impl Connector for SshConnector {
     }
 }
 
+/// How often an idle connection (or one whose command prints nothing) asks the host whether it
+/// is still there. A host that stops answering is then given up after about
+/// `connect_timeout` (`KEEPALIVE_MAX` unanswered intervals), not after whatever a step's own
+/// deadline is: `connect_timeout` is the one setting that says how long a silent host may take.
+fn keepalive_interval(connect_timeout: Duration) -> Duration {
+    (connect_timeout / KEEPALIVE_MAX as u32)
+        .clamp(Duration::from_millis(500), Duration::from_secs(15))
+}
+
 /// Outcome of one failed connect attempt: retry or give up.
 pub(super) enum Attempt {
     Transient(String),
@@ -343,6 +351,27 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_silent_host_is_given_up_after_about_the_connect_timeout() {
+        for secs in [1, 5, 20, 45] {
+            let limit = Duration::from_secs(secs);
+            let detected = keepalive_interval(limit) * KEEPALIVE_MAX as u32;
+            assert!(
+                detected <= limit.max(Duration::from_millis(1500)),
+                "{secs}s: {detected:?}"
+            );
+        }
+        // Never chattier than twice a second, never slower than OpenSSH's usual 15 s.
+        assert_eq!(
+            keepalive_interval(Duration::from_millis(300)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            keepalive_interval(Duration::from_secs(600)),
+            Duration::from_secs(15)
+        );
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {
