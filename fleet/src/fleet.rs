@@ -21,13 +21,16 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::app::{app_process, install_host, run_script};
+use crate::bastion::bastion_layout;
 use crate::jar::{self, JarSpec};
 use crate::proc;
 use crate::spec::{FleetSpec, Mode, release_net};
-use crate::sshd::{self, Sshd, SshdSpec};
+use crate::sshd::{self, Sshd};
 use crate::users::{self, Account};
 
 pub const LB_NAME: &str = "lb";
+/// The bastion host of a fleet that has one (see [`crate::Bastion`]).
+pub const BASTION_NAME: &str = "bastion";
 pub const APP_DIR: &str = "shop";
 pub const JAR_NAME: &str = "app.jar";
 pub const RESTART: &str = "bin/restart";
@@ -63,6 +66,9 @@ pub(crate) struct State {
     pub(crate) lb: HostState,
     pub(crate) nginx_pid: Option<u32>,
     pub(crate) hosts: Vec<HostState>,
+    /// The bastion host, when the spec asks for one: an sshd and nothing else.
+    #[serde(default)]
+    pub(crate) bastion: Option<HostState>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -126,6 +132,7 @@ impl Fleet {
         let nginx_bin = proc::find_program("nginx")?;
         let user = current_user()?;
         let (lb, mut hosts) = layout(&spec);
+        let bastion = bastion_layout(&spec);
         // The LB (and a single-machine app host, which is the LB) keeps the current user, who
         // owns nginx; app hosts log in as production hosts do, with a mix of login shells.
         if users::is_root() && spec.mode != Mode::BlueGreenSingle {
@@ -143,6 +150,7 @@ impl Fleet {
                 lb,
                 nginx_pid: None,
                 hosts,
+                bastion,
             },
             sshds: Vec::new(),
             owned: true,
@@ -166,22 +174,16 @@ impl Fleet {
         }
 
         let mut known_hosts = String::new();
-        let all_hosts: Vec<HostState> = std::iter::once(fleet.state.lb.clone())
-            .chain(fleet.state.hosts.iter().cloned())
-            .collect();
+        // The bastion first, as hosts that admit only the bastion are of no use without it.
+        let all_hosts: Vec<HostState> = fleet.ssh_hosts().cloned().collect();
         for (i, host) in all_hosts.iter().enumerate() {
             // One machine, one sshd: the single-machine app host shares the LB's.
             if all_hosts[..i].iter().any(|h| h.address == host.address) {
                 continue;
             }
-            let sshd = Sshd::start(SshdSpec {
-                dir: host.sshd_dir(),
-                address: host.address.clone(),
-                port: fleet.state.spec.ssh_port,
-                authorized_keys: authorized_keys.clone(),
-                session_dir: Some(host.dir.clone()),
-            })
-            .with_context(|| format!("starting sshd for {}", host.name))?;
+            std::fs::create_dir_all(&host.dir)?;
+            let sshd = Sshd::start(fleet.sshd_spec(host))
+                .with_context(|| format!("starting sshd for {}", host.name))?;
             known_hosts.push_str(&sshd.known_hosts_line());
             known_hosts.push('\n');
             let pid = sshd.pid();
@@ -259,7 +261,7 @@ impl Fleet {
         for mut sshd in self.sshds.drain(..) {
             sshd.stop();
         }
-        for host in std::iter::once(&self.state.lb).chain(&self.state.hosts) {
+        for host in self.ssh_hosts() {
             if let Some(pid) = host.sshd_pid
                 && proc::belongs_to(pid, &host.sshd_dir())
             {
@@ -394,14 +396,8 @@ impl Fleet {
         {
             self.sshds.remove(i).stop();
         }
-        let sshd = Sshd::start(SshdSpec {
-            dir: state.sshd_dir(),
-            address: state.address.clone(),
-            port: self.state.spec.ssh_port,
-            authorized_keys: self.root().join("keys").join("authorized_keys"),
-            session_dir: Some(state.dir.clone()),
-        })
-        .with_context(|| format!("restarting sshd for {}", state.name))?;
+        let sshd = Sshd::start(self.sshd_spec(&state))
+            .with_context(|| format!("restarting sshd for {}", state.name))?;
         let pid = sshd.pid();
         if self.owned {
             self.sshds.push(sshd);
@@ -416,7 +412,9 @@ impl Fleet {
     /// Records `pid` as the sshd of every host at `address`: a single-machine fleet's app host
     /// and LB share one.
     pub(crate) fn record_sshd_pid(&mut self, address: &str, pid: u32) {
-        for host in std::iter::once(&mut self.state.lb).chain(&mut self.state.hosts) {
+        let state = &mut self.state;
+        let all = state.bastion.iter_mut().chain([&mut state.lb]);
+        for host in all.chain(&mut state.hosts) {
             if host.address == address {
                 host.sshd_pid = Some(pid);
             }
@@ -426,6 +424,11 @@ impl Fleet {
     pub(crate) fn host(&self, name: &str) -> &HostState {
         if name == LB_NAME {
             return &self.state.lb;
+        }
+        if name == BASTION_NAME
+            && let Some(bastion) = &self.state.bastion
+        {
+            return bastion;
         }
         self.state
             .hosts
@@ -493,6 +496,7 @@ fn prepare_root(root: &Path) -> anyhow::Result<()> {
         "inventory.toml",
         "state.json",
         "state.json.partial",
+        "bastion",
     ];
     if root.join("state.json").is_file()
         && let Ok(mut old) = Fleet::attach(root)
@@ -550,6 +554,7 @@ pub(crate) fn fake(spec: FleetSpec) -> Fleet {
             lb,
             nginx_pid: None,
             hosts,
+            bastion: None,
         },
         sshds: Vec::new(),
         owned: false,

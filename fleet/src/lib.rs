@@ -4,6 +4,7 @@
 //! tests prove is what a developer sees on their own machine.
 
 mod app;
+mod bastion;
 mod fleet;
 pub mod http;
 mod inventory;
@@ -20,10 +21,11 @@ pub mod users;
 
 use std::path::PathBuf;
 
-pub use fleet::{Fleet, RESTART_SLOT, SINGLE_APP_NAME, SLOTS, STOP, STOP_SLOT};
+pub use bastion::BastionEndpoint;
+pub use fleet::{BASTION_NAME, Fleet, RESTART_SLOT, SINGLE_APP_NAME, SLOTS, STOP, STOP_SLOT};
 pub use jar::{Behaviour, JarSpec, build_jar};
 pub use load::{Load, LoadOptions, LoadReport};
-pub use spec::{FleetSpec, Mode};
+pub use spec::{Bastion, FleetSpec, Mode};
 pub use status::{HostStatus, Role, SlotStatus};
 
 /// Cargo's target directory, where fleets, jars and compiled classes are kept: `cargo clean`

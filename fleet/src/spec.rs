@@ -62,6 +62,24 @@ pub struct FleetSpec {
     /// The green slot's port in blue-green modes; unused when rolling.
     #[serde(default = "default_green_port")]
     pub green_port: u16,
+    /// Whether a bastion host fronts the fleet; see [`Bastion`].
+    #[serde(default)]
+    pub bastion: Bastion,
+}
+
+/// A bastion host in front of the fleet, as in a cloud VPC where the hosts have private
+/// addresses and only the bastion takes SSH from outside.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Bastion {
+    /// No bastion: every host takes SSH directly.
+    #[default]
+    None,
+    /// A bastion at `.9`; the hosts still take SSH directly too.
+    Open,
+    /// A bastion at `.9`, and the LB and app hosts accept logins only from it: a direct login
+    /// fails authentication, as a security group would have refused it.
+    Only,
 }
 
 fn default_green_port() -> u16 {
@@ -80,6 +98,7 @@ impl FleetSpec {
             lb_port: 8000,
             mode: Mode::Rolling,
             green_port: GREEN_PORT,
+            bastion: Bastion::None,
         }
     }
 
@@ -157,6 +176,17 @@ impl FleetSpec {
         spec
     }
 
+    /// Adds a bastion host (or takes it away with [`Bastion::None`]).
+    pub fn with_bastion(mut self, bastion: Bastion) -> Self {
+        self.bastion = bastion;
+        self
+    }
+
+    /// Where the bastion listens when there is one: beside the LB, below the app hosts.
+    pub fn bastion_address(&self) -> String {
+        format!("127.{}.{}.9", self.net[0], self.net[1])
+    }
+
     pub fn lb_address(&self) -> String {
         format!("127.{}.{}.10", self.net[0], self.net[1])
     }
@@ -176,6 +206,9 @@ impl FleetSpec {
             (self.lb_address(), self.ssh_port),
             (self.lb_address(), self.lb_port),
         ];
+        if self.bastion != Bastion::None {
+            all.push((self.bastion_address(), self.ssh_port));
+        }
         for i in 0..self.hosts {
             let address = self.host_address(i);
             if address != self.lb_address() {
@@ -224,11 +257,18 @@ fn claim_net(seed: u64, spec: &FleetSpec) -> anyhow::Result<[u8; 2]> {
                     };
                     // A claim only protects against other tests; a leftover process from a
                     // crashed run may still hold the addresses. `for_test` claims before the
-                    // caller picks a mode, so the addresses of every mode must be free.
+                    // caller picks a mode or a bastion, so the addresses of every mode and the
+                    // bastion's must be free.
                     let wanted: Vec<(String, u16)> =
                         [Mode::Rolling, Mode::BlueGreen, Mode::BlueGreenSingle]
                             .into_iter()
                             .flat_map(|mode| candidate.clone().with_mode(mode).listen_addresses())
+                            .chain(
+                                candidate
+                                    .clone()
+                                    .with_bastion(Bastion::Only)
+                                    .listen_addresses(),
+                            )
                             .chain(candidate.listen_addresses())
                             .collect();
                     if wanted
@@ -286,6 +326,7 @@ mod tests {
         let object = old.as_object_mut().unwrap();
         object.remove("mode");
         object.remove("green_port");
+        object.remove("bastion");
         assert_eq!(serde_json::from_value::<FleetSpec>(old).unwrap(), spec);
     }
 }

@@ -20,6 +20,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_GRACE: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(10);
 
+const HOST_KEY: &str = "ssh_host_ed25519_key";
+
 /// sshd refuses to start without an absolute path to itself (it re-executes itself per connection).
 pub const SSHD_PATH: &str = "/usr/sbin/sshd";
 
@@ -100,6 +102,20 @@ pub struct SshdSpec {
     /// When set, every exec session starts in this directory, so that several "hosts" on one
     /// machine each see their own filesystem root for relative paths.
     pub session_dir: Option<PathBuf>,
+    /// How this host differs from a plain one, as hosts in a private network do.
+    pub options: SshdOptions,
+}
+
+/// What sets an sshd apart from the default one: all off by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SshdOptions {
+    /// Logins only from this source address (`AllowUsers *@<address>`), as from the bastion
+    /// when a security group admits nothing else; anyone else fails authentication.
+    pub allow_only_from: Option<String>,
+    /// The connections this sshd opens for its clients' forwards (`ssh -J`) leave from this
+    /// address rather than 127.0.0.1, so hosts can tell the bastion's forwards apart. Needs a
+    /// C compiler: a small preloaded library binds them (see `fleet/shim/forward_from.c`).
+    pub forward_from: Option<String>,
 }
 
 /// A running sshd, stopped on drop unless detached.
@@ -127,7 +143,7 @@ impl Sshd {
             ..spec
         };
 
-        let host_key = dir.join("ssh_host_ed25519_key");
+        let host_key = dir.join(HOST_KEY);
         let host_public_key_line = if host_key.exists() && pub_path(&host_key).exists() {
             read_public_line(&pub_path(&host_key))?
         } else {
@@ -153,6 +169,10 @@ impl Sshd {
         // A stale pid file from an earlier run would make readiness look immediate.
         let _ = fs::remove_file(&pid_file);
 
+        let preload = match &spec.options.forward_from {
+            Some(_) => Some(forward_from_library()?),
+            None => None,
+        };
         let log_path = dir.join("sshd.log");
         let log = fs::File::create(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
@@ -165,6 +185,13 @@ impl Sshd {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        if let (Some(library), Some(from)) = (&preload, &spec.options.forward_from) {
+            // sshd re-executes itself per connection with its own environment, so the forward
+            // that a connection's process opens is bound too.
+            command
+                .env("LD_PRELOAD", library)
+                .env("ROLLER_FLEET_FORWARD_FROM", from);
+        }
         // SAFETY: setsid is async-signal-safe and touches no memory of the parent. A session of
         // its own keeps sshd alive when the terminal that ran `cargo xtask fleet up` goes away and
         // keeps Ctrl-C in that terminal from reaching it.
@@ -259,15 +286,11 @@ impl Sshd {
     /// The known_hosts line for this server: `[addr]:port ssh-ed25519 AAAA...` (plain `addr` on
     /// port 22, as OpenSSH writes it).
     pub fn known_hosts_line(&self) -> String {
-        let mut fields = self.host_public_key_line.split_whitespace();
-        let algorithm = fields.next().unwrap_or_default();
-        let key = fields.next().unwrap_or_default();
-        let host = if self.spec.port == 22 {
-            self.spec.address.clone()
-        } else {
-            format!("[{}]:{}", self.spec.address, self.spec.port)
-        };
-        format!("{host} {algorithm} {key}")
+        known_hosts_line(
+            &self.spec.address,
+            self.spec.port,
+            &self.host_public_key_line,
+        )
     }
 
     /// SIGTERM by PID, wait (bounded) for the exit, SIGKILL if it does not come. Idempotent.
@@ -309,6 +332,25 @@ impl Drop for Sshd {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The known_hosts line for a server at `address:port` whose host key is `public_key_line`
+/// (a `.pub` file's line).
+pub fn known_hosts_line(address: &str, port: u16, public_key_line: &str) -> String {
+    let mut fields = public_key_line.split_whitespace();
+    let algorithm = fields.next().unwrap_or_default();
+    let key = fields.next().unwrap_or_default();
+    let host = if port == 22 {
+        address.to_string()
+    } else {
+        format!("[{address}]:{port}")
+    };
+    format!("{host} {algorithm} {key}")
+}
+
+/// Where an sshd started with `dir` as its directory keeps its host's public key.
+pub fn host_public_key_path(dir: &Path) -> PathBuf {
+    pub_path(&dir.join(HOST_KEY))
 }
 
 /// Sends `sig` to `pid` only: never to a process group, so sessions of other tests are untouched.
@@ -451,11 +493,18 @@ fn sshd_config(
          AllowTcpForwarding yes\n\
          PrintMotd no\n\
          UseDNS no\n\
-         LogLevel INFO\n",
+         LogLevel INFO\n\
+         # OpenSSH's defaults, written out: roller must live within them on every host.\n\
+         MaxStartups 10:30:100\n\
+         MaxSessions 10\n",
         host_key = host_key.display(),
         pid_file = pid_file.display(),
         authorized_keys = spec.authorized_keys.display(),
     );
+    if let Some(address) = &spec.options.allow_only_from {
+        // With UseDNS no, the host part is matched against the client's address.
+        config.push_str(&format!("AllowUsers *@{address}\n"));
+    }
     if let Some(enter) = force_command {
         config.push_str(&format!("ForceCommand {enter}\n"));
     }
@@ -474,6 +523,43 @@ fn enter_command(session_dir: &Path) -> anyhow::Result<String> {
         "cd {} && eval \"$SSH_ORIGINAL_COMMAND\"",
         shell_quote(session_dir)
     ))
+}
+
+/// `fleet/shim/forward_from.c`, compiled once per source text into the target directory.
+fn forward_from_library() -> anyhow::Result<PathBuf> {
+    const SOURCE: &str = include_str!("../shim/forward_from.c");
+    // One compiler at a time in this process; other processes are handled by the rename below.
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let key = crate::jar::fnv1a(&[SOURCE.as_bytes()]);
+    let dir = crate::target_dir().join("roller-fleet");
+    let library = dir.join(format!("forward-from-{key:016x}.so"));
+    if library.is_file() {
+        return Ok(library);
+    }
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Concurrent fleets each build their own copy and publish it with an atomic rename.
+    let scratch = dir.join(format!(".forward-from-{}-{key:016x}", std::process::id()));
+    fs::create_dir_all(&scratch)?;
+    let result = (|| {
+        let source = scratch.join("forward_from.c");
+        fs::write(&source, SOURCE)?;
+        let partial = scratch.join("forward_from.so");
+        crate::proc::run(
+            Command::new("cc")
+                .args(["-shared", "-fPIC", "-O2", "-o"])
+                .arg(&partial)
+                .arg(&source)
+                .arg("-ldl"),
+            Duration::from_secs(120),
+        )
+        .context("running cc (a bastion's forwards need a C compiler)")?
+        .check("cc forward_from.c")?;
+        fs::rename(&partial, &library).with_context(|| format!("publishing {}", library.display()))
+    })();
+    let _ = fs::remove_dir_all(&scratch);
+    result?;
+    Ok(library)
 }
 
 fn shell_quote(s: &str) -> String {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use roller::transport::ssh::{SshConnector, SshSettings};
 use roller::transport::{Connector, Endpoint, Transport};
-use roller_fleet::sshd::{ClientKey, Sshd, SshdSpec, generate_client_key};
+use roller_fleet::sshd::{ClientKey, Sshd, SshdOptions, SshdSpec, generate_client_key};
 use tempfile::TempDir;
 
 pub struct Host {
@@ -61,6 +61,7 @@ pub fn start_host(address: &str, with_session_dir: bool) -> Host {
         port,
         authorized_keys,
         session_dir: session_dir.clone(),
+        options: SshdOptions::default(),
     })
     .unwrap();
     let known_hosts = dir.path().join("known_hosts");
