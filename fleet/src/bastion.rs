@@ -69,6 +69,7 @@ impl Fleet {
             forward_from: is_bastion.then(|| host.address.clone()),
             allow_only_from: (spec.bastion == Bastion::Only && !is_bastion)
                 .then(|| spec.bastion_address()),
+            refuse_forwarding: spec.refuse_forwarding && !is_bastion,
         };
         SshdSpec {
             dir: host.sshd_dir(),

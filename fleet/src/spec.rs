@@ -65,6 +65,10 @@ pub struct FleetSpec {
     /// Whether a bastion host fronts the fleet; see [`Bastion`].
     #[serde(default)]
     pub bastion: Bastion,
+    /// `AllowTcpForwarding no` on the LB and app hosts (never on the bastion, whose job it
+    /// is), as on hosts hardened against port forwarding.
+    #[serde(default)]
+    pub refuse_forwarding: bool,
 }
 
 /// A bastion host in front of the fleet, as in a cloud VPC where the hosts have private
@@ -99,6 +103,7 @@ impl FleetSpec {
             mode: Mode::Rolling,
             green_port: GREEN_PORT,
             bastion: Bastion::None,
+            refuse_forwarding: false,
         }
     }
 
@@ -179,6 +184,12 @@ impl FleetSpec {
     /// Adds a bastion host (or takes it away with [`Bastion::None`]).
     pub fn with_bastion(mut self, bastion: Bastion) -> Self {
         self.bastion = bastion;
+        self
+    }
+
+    /// Makes the LB's and app hosts' sshds refuse port forwarding.
+    pub fn with_forwarding_refused(mut self) -> Self {
+        self.refuse_forwarding = true;
         self
     }
 
@@ -327,6 +338,7 @@ mod tests {
         object.remove("mode");
         object.remove("green_port");
         object.remove("bastion");
+        object.remove("refuse_forwarding");
         assert_eq!(serde_json::from_value::<FleetSpec>(old).unwrap(), spec);
     }
 }

@@ -116,6 +116,9 @@ pub struct SshdOptions {
     /// address rather than 127.0.0.1, so hosts can tell the bastion's forwards apart. Needs a
     /// C compiler: a small preloaded library binds them (see `fleet/shim/forward_from.c`).
     pub forward_from: Option<String>,
+    /// `AllowTcpForwarding no`, as on hardened hosts: no port forwarding through this host,
+    /// so nothing reaches a port behind it the way roller's health checks do by default.
+    pub refuse_forwarding: bool,
 }
 
 /// A running sshd, stopped on drop unless detached.
@@ -490,7 +493,7 @@ fn sshd_config(
          UsePAM no\n\
          StrictModes no\n\
          PermitRootLogin prohibit-password\n\
-         AllowTcpForwarding yes\n\
+         AllowTcpForwarding {forwarding}\n\
          PrintMotd no\n\
          UseDNS no\n\
          LogLevel INFO\n\
@@ -500,6 +503,11 @@ fn sshd_config(
         host_key = host_key.display(),
         pid_file = pid_file.display(),
         authorized_keys = spec.authorized_keys.display(),
+        forwarding = if spec.options.refuse_forwarding {
+            "no"
+        } else {
+            "yes"
+        },
     );
     if let Some(address) = &spec.options.allow_only_from {
         // With UseDNS no, the host part is matched against the client's address.

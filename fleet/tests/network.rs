@@ -1,6 +1,7 @@
-//! The bastion option, checked with OpenSSH's own client: a fleet that plays a private network
-//! must really refuse what production would refuse, or roller's jump-host support would be
-//! tested against hosts that let everything in.
+//! The options that make the fleet play a cloud network (a bastion, hosts that admit only it,
+//! hosts that refuse port forwarding), checked with OpenSSH's own client: such a fleet must
+//! really refuse what production would refuse, or roller's support for it would be tested
+//! against hosts that let everything in.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -125,4 +126,51 @@ fn the_bastion_keeps_openssh_s_default_connection_limits() {
     // Open: the hosts still take direct logins.
     let direct = pwd_on(&fleet, "web-1", false);
     assert!(direct.status.success(), "{}", text(&direct.stderr));
+}
+
+/// `ssh -W address:port` through `host`: a direct-tcpip channel, as roller's health checks
+/// open, with nothing to send.
+fn forward_through(fleet: &Fleet, host: &str, to: (&str, u16)) -> Output {
+    Command::new("ssh")
+        .args(strict(fleet))
+        .arg("-W")
+        .arg(format!("{}:{}", to.0, to.1))
+        .arg(format!(
+            "{}@{}",
+            fleet.host_user(host),
+            fleet.host_address(host)
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn hosts_that_refuse_forwarding_still_run_commands_while_the_bastion_forwards() {
+    let fleet = Fleet::up(
+        FleetSpec::for_test("refuse_forwarding", 1)
+            .with_bastion(Bastion::Open)
+            .with_forwarding_refused(),
+    )
+    .expect("fleet up");
+    let app = (fleet.host_address("web-1"), fleet.spec().app_port);
+    let app = (app.0.as_str(), app.1);
+
+    for host in ["web-1", "lb"] {
+        let refused = forward_through(&fleet, host, app);
+        assert!(!refused.status.success(), "{host} forwarded");
+        assert!(
+            text(&refused.stderr).contains("administratively prohibited"),
+            "{host}: {}",
+            text(&refused.stderr)
+        );
+        let out = pwd_on(&fleet, host, false);
+        assert!(out.status.success(), "{host}: {}", text(&out.stderr));
+    }
+    let forwarded = forward_through(&fleet, BASTION_NAME, app);
+    assert!(
+        forwarded.status.success(),
+        "the bastion: {}",
+        text(&forwarded.stderr)
+    );
 }
