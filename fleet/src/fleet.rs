@@ -134,9 +134,21 @@ impl Fleet {
         let (lb, mut hosts) = layout(&spec);
         let bastion = bastion_layout(&spec);
         // The LB (and a single-machine app host, which is the LB) keeps the current user, who
-        // owns nginx; app hosts log in as production hosts do, with a mix of login shells.
+        // owns nginx; app hosts log in as production hosts do, with a mix of login shells
+        // unless the spec names one login for all.
+        if let Some(login) = spec.app_login
+            && (!users::is_root() || spec.mode == Mode::BlueGreenSingle)
+        {
+            bail!(
+                "app hosts log in as {} only in a fleet with app hosts of their own, run as root",
+                login.user()
+            );
+        }
         if users::is_root() && spec.mode != Mode::BlueGreenSingle {
-            for (host, login) in hosts.iter_mut().zip(users::MIX.iter().cycle()) {
+            let logins = spec
+                .app_login
+                .map_or(users::MIX.to_vec(), |login| vec![login]);
+            for (host, login) in hosts.iter_mut().zip(logins.iter().cycle()) {
                 host.login = Some(users::ensure(*login)?);
             }
         }

@@ -15,6 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::users::Login;
 use crate::{jar, proc};
 
 const ROLLING_PORT: u16 = 8080;
@@ -69,6 +70,10 @@ pub struct FleetSpec {
     /// is), as on hosts hardened against port forwarding.
     #[serde(default)]
     pub refuse_forwarding: bool,
+    /// Who every app host logs in as, instead of the mix of login shells of
+    /// [`users::MIX`](crate::users::MIX); like the mix, only when the fleet runs as root.
+    #[serde(default)]
+    pub app_login: Option<Login>,
 }
 
 /// A bastion host in front of the fleet, as in a cloud VPC where the hosts have private
@@ -104,6 +109,7 @@ impl FleetSpec {
             green_port: GREEN_PORT,
             bastion: Bastion::None,
             refuse_forwarding: false,
+            app_login: None,
         }
     }
 
@@ -190,6 +196,12 @@ impl FleetSpec {
     /// Makes the LB's and app hosts' sshds refuse port forwarding.
     pub fn with_forwarding_refused(mut self) -> Self {
         self.refuse_forwarding = true;
+        self
+    }
+
+    /// Has every app host log in as `login`, e.g. a deploy user with sudo.
+    pub fn with_app_login(mut self, login: Login) -> Self {
+        self.app_login = Some(login);
         self
     }
 
@@ -339,6 +351,7 @@ mod tests {
         object.remove("green_port");
         object.remove("bastion");
         object.remove("refuse_forwarding");
+        object.remove("app_login");
         assert_eq!(serde_json::from_value::<FleetSpec>(old).unwrap(), spec);
     }
 }

@@ -5,6 +5,7 @@
 //! Only when running as root (as CI does): the users are created once per machine, kept
 //! between runs, and shared by every fleet. Otherwise every host logs in as the current user.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -25,7 +26,16 @@ pub enum Login {
     Dash,
     /// bash with no rc files of its own.
     Bash,
+    /// A deploy user as on a cloud image: not root, plain bash, and a sudoers rule that lets it
+    /// run [`sudo_commands`] as root without a password.
+    Sudo,
+    /// Like [`Login::Sudo`], but sudo asks for its password ([`SUDO_PASSWORD`]) for anything:
+    /// a host where roller must not count on passwordless sudo.
+    SudoPassword,
 }
+
+/// The password of [`Login::SudoPassword`], for a test that feeds it to `sudo -S`.
+pub const SUDO_PASSWORD: &str = "roller-fleet-sudo";
 
 /// What app hosts get in turn: web-1 bash with a heavy `.bashrc`, web-2 zsh, web-3 dash,
 /// web-4 plain bash, and again. Two-host fleets thus mix bash and zsh.
@@ -38,12 +48,14 @@ impl Login {
             Login::Zsh => "roller-zsh",
             Login::Dash => "roller-dash",
             Login::Bash => "roller-bash",
+            Login::Sudo => "roller-sudo",
+            Login::SudoPassword => "roller-sudo-pw",
         }
     }
 
     fn shell(self) -> &'static str {
         match self {
-            Login::BashHeavy | Login::Bash => "bash",
+            Login::BashHeavy | Login::Bash | Login::Sudo | Login::SudoPassword => "bash",
             Login::Zsh => "zsh",
             Login::Dash => "dash",
         }
@@ -63,7 +75,7 @@ impl Login {
                 ".zshenv",
                 "# zsh reads this for every command, interactive or not.\nexport LANG=C.UTF-8\n",
             )],
-            Login::Dash | Login::Bash => &[],
+            Login::Dash | Login::Bash | Login::Sudo | Login::SudoPassword => &[],
         }
     }
 }
@@ -133,11 +145,113 @@ pub fn ensure(login: Login) -> anyhow::Result<Account> {
         }
     }
     chown_tree(&home, found.uid, found.gid)?;
+    match login {
+        Login::Sudo => allow_sudo(user, "NOPASSWD: ", &sudo_commands()?)?,
+        Login::SudoPassword => {
+            set_password(user, SUDO_PASSWORD)?;
+            allow_sudo(user, "", &["ALL".to_string()])?;
+        }
+        _ => {}
+    }
     Ok(Account {
         user: user.to_string(),
         uid: found.uid,
         gid: found.gid,
     })
+}
+
+/// What [`Login::Sudo`] may run as root without a password: what an operator's inventory
+/// runs with sudo (`systemctl` for the service, nginx to test and reload), and the scripts in
+/// the `bin/` of any host of a fleet in this target directory.
+pub fn sudo_commands() -> anyhow::Result<Vec<String>> {
+    let target = crate::target_dir();
+    let target = target
+        .to_str()
+        .with_context(|| format!("{} is not UTF-8", target.display()))?;
+    let mut commands = vec![sudoers_escape(
+        &proc::find_program("nginx")?.to_string_lossy(),
+    )];
+    if let Ok(systemctl) = proc::find_program("systemctl") {
+        commands.push(sudoers_escape(&systemctl.to_string_lossy()));
+    }
+    // `*` matches within one path component, so each layout gets its own pattern: test
+    // fleets under fleet-tests/<name>/, xtask's under fleet*/.
+    for hosts in ["fleet-tests/*/hosts", "fleet*/hosts"] {
+        commands.push(format!("{}/{hosts}/*/bin/*", sudoers_escape(target)));
+    }
+    Ok(commands)
+}
+
+/// One sudoers file per user and target directory, checked with `visudo` before it is put in
+/// place: a broken file under /etc/sudoers.d would break sudo for everyone on the machine.
+fn allow_sudo(user: &str, tag: &str, commands: &[String]) -> anyhow::Result<()> {
+    let target = crate::target_dir();
+    let key = crate::jar::fnv1a(&[user.as_bytes(), target.as_os_str().as_encoded_bytes()]);
+    // sudo skips files in sudoers.d whose names contain a '.' or end in '~'.
+    let path = PathBuf::from(format!("/etc/sudoers.d/roller-fleet-{user}-{key:016x}"));
+    let text = format!(
+        "# Written by roller-fleet for the fleets in {}: a deploy user whose commands need root.\n\
+         {user} ALL=(root) {tag}{}\n",
+        target.display(),
+        commands.join(", ")
+    );
+    if std::fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
+        return Ok(());
+    }
+    let partial = PathBuf::from(format!("{}.partial-{}", path.display(), std::process::id()));
+    std::fs::write(&partial, &text).with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o440))?;
+    let checked = proc::run(
+        Command::new("visudo")
+            .arg("-c")
+            .arg("-q")
+            .arg("-f")
+            .arg(&partial),
+        Duration::from_secs(30),
+    );
+    let checked = match checked {
+        Ok(run) if run.status.success() => Ok(()),
+        Ok(run) => Err(anyhow::anyhow!(
+            "visudo refused the rule for {user}: {}{}",
+            run.stdout.trim(),
+            run.stderr.trim()
+        )),
+        Err(e) => Err(e.context("running visudo (is sudo installed? .ci/run installs it)")),
+    };
+    if let Err(e) = checked.and_then(|()| Ok(std::fs::rename(&partial, &path)?)) {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Backslashes what sudoers reads as syntax in a command path.
+fn sudoers_escape(path: &str) -> String {
+    let mut escaped = String::new();
+    for c in path.chars() {
+        if " \\,:=()!#\"'".contains(c) {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+fn set_password(user: &str, password: &str) -> anyhow::Result<()> {
+    let mut child = Command::new("chpasswd")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .context("running chpasswd")?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().context("chpasswd's stdin")?;
+        writeln!(stdin, "{user}:{password}")?;
+    }
+    let status = proc::wait_child(&mut child, Duration::from_secs(30))?;
+    if !status.success() {
+        bail!("chpasswd for {user} failed ({status})");
+    }
+    Ok(())
 }
 
 /// Hands `dir` and everything in it to `uid:gid`, symlinks themselves included.

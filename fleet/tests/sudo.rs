@@ -1,0 +1,97 @@
+//! The deploy users with sudo, checked over SSH as roller would meet them: a fleet that claims
+//! a passwordless sudo rule, or a sudo that asks for a password, must really behave so.
+//!
+//! Those users exist only when the fleet runs as root (as CI does); elsewhere these tests say
+//! so and pass without a fleet.
+
+use std::process::{Command, Output, Stdio};
+
+use roller_fleet::users::{Login, SUDO_PASSWORD, is_root};
+use roller_fleet::{Fleet, FleetSpec};
+
+/// Runs `command` on `host` over SSH with the fleet's key and known_hosts.
+fn run_on(fleet: &Fleet, host: &str, command: &str) -> Output {
+    Command::new("ssh")
+        .arg("-i")
+        .arg(fleet.identity_path())
+        .arg("-o")
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            fleet.known_hosts_path().display()
+        ))
+        .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
+        .arg("-p")
+        .arg(fleet.spec().ssh_port.to_string())
+        .arg(format!(
+            "{}@{}",
+            fleet.host_user(host),
+            fleet.host_address(host)
+        ))
+        .arg(command)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).trim().to_string()
+}
+
+fn fleet_logging_in_as(test: &str, login: Login) -> Option<Fleet> {
+    if !is_root() {
+        eprintln!("skipped: the fleet creates its users only when run as root");
+        return None;
+    }
+    let spec = FleetSpec::for_test(test, 1).with_app_login(login);
+    Some(Fleet::up(spec).expect("fleet up"))
+}
+
+#[test]
+fn the_deploy_user_runs_the_hosts_commands_as_root_without_a_password() {
+    let Some(fleet) = fleet_logging_in_as("sudo_nopasswd", Login::Sudo) else {
+        return;
+    };
+    assert_eq!(fleet.host_user("web-1"), "roller-sudo");
+    let me = run_on(&fleet, "web-1", "id -u");
+    assert!(me.status.success(), "{}", text(&me.stderr));
+    assert_ne!(text(&me.stdout), "0", "the deploy user is not root");
+
+    let script = fleet.host_dir("web-1").canonicalize().unwrap();
+    let script = script.join("bin/stop-slot");
+    let out = run_on(
+        &fleet,
+        "web-1",
+        &format!("sudo -n {} green && sudo -n id -u", script.display()),
+    );
+    // `id` is not among the allowed commands: the first sudo ran, the second was refused.
+    assert!(!out.status.success(), "sudo ran id: {}", text(&out.stdout));
+    assert_eq!(text(&out.stdout), "green was not running");
+    assert!(
+        text(&out.stderr).contains("password is required"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_sudo_that_asks_for_a_password_runs_nothing_without_it() {
+    let Some(fleet) = fleet_logging_in_as("sudo_password", Login::SudoPassword) else {
+        return;
+    };
+    assert_eq!(fleet.host_user("web-1"), "roller-sudo-pw");
+    let out = run_on(&fleet, "web-1", "sudo -n true");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("password is required"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = run_on(
+        &fleet,
+        "web-1",
+        &format!("echo {SUDO_PASSWORD} | sudo -S -p '' id -u"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "0");
+}
