@@ -135,8 +135,8 @@ impl Fleet {
         let bastion = bastion_layout(&spec);
         // The LB (and a single-machine app host, which is the LB) keeps the current user, who
         // owns nginx; app hosts log in as production hosts do, with a mix of login shells
-        // unless the spec names one login for all.
-        if let Some(login) = spec.app_login
+        // unless the spec names their logins.
+        if let Some(login) = spec.app_logins.first()
             && (!users::is_root() || spec.mode == Mode::BlueGreenSingle)
         {
             bail!(
@@ -145,11 +145,12 @@ impl Fleet {
             );
         }
         if users::is_root() && spec.mode != Mode::BlueGreenSingle {
-            let logins = spec
-                .app_login
-                .map_or(users::MIX.to_vec(), |login| vec![login]);
-            for (host, login) in hosts.iter_mut().zip(logins.iter().cycle()) {
-                host.login = Some(users::ensure(*login)?);
+            for (i, host) in hosts.iter_mut().enumerate() {
+                let login = match spec.app_logins.get(i).or(spec.app_logins.last()) {
+                    Some(login) => *login,
+                    None => users::MIX[i % users::MIX.len()],
+                };
+                host.login = Some(users::ensure(login)?);
             }
         }
         // From here on an error drops `fleet`, which stops whatever was already started.

@@ -70,10 +70,11 @@ pub struct FleetSpec {
     /// is), as on hosts hardened against port forwarding.
     #[serde(default)]
     pub refuse_forwarding: bool,
-    /// Who every app host logs in as, instead of the mix of login shells of
-    /// [`users::MIX`](crate::users::MIX); like the mix, only when the fleet runs as root.
+    /// Who the app hosts log in as: web-1 as the first, web-2 as the second and so on, the
+    /// last for all the rest. Empty: the mix of login shells of [`users::MIX`](crate::users::MIX)
+    /// in turn. Either way only when the fleet runs as root.
     #[serde(default)]
-    pub app_login: Option<Login>,
+    pub app_logins: Vec<Login>,
 }
 
 /// A bastion host in front of the fleet, as in a cloud VPC where the hosts have private
@@ -109,7 +110,7 @@ impl FleetSpec {
             green_port: GREEN_PORT,
             bastion: Bastion::None,
             refuse_forwarding: false,
-            app_login: None,
+            app_logins: Vec::new(),
         }
     }
 
@@ -201,7 +202,14 @@ impl FleetSpec {
 
     /// Has every app host log in as `login`, e.g. a deploy user with sudo.
     pub fn with_app_login(mut self, login: Login) -> Self {
-        self.app_login = Some(login);
+        self.app_logins = vec![login];
+        self
+    }
+
+    /// Every app host logs in as [`Login::Lean`] but web-1, which keeps the heavy `.bashrc`
+    /// of [`Login::BashHeavy`] so that a functional test still meets one.
+    pub fn with_lean_logins(mut self) -> Self {
+        self.app_logins = vec![Login::BashHeavy, Login::Lean];
         self
     }
 
@@ -351,7 +359,7 @@ mod tests {
         object.remove("green_port");
         object.remove("bastion");
         object.remove("refuse_forwarding");
-        object.remove("app_login");
+        object.remove("app_logins");
         assert_eq!(serde_json::from_value::<FleetSpec>(old).unwrap(), spec);
     }
 }

@@ -32,6 +32,9 @@ pub enum Login {
     /// Like [`Login::Sudo`], but sudo asks for its password ([`SUDO_PASSWORD`]) for anything:
     /// a host where roller must not count on passwordless sudo.
     SudoPassword,
+    /// bash in a home of its own with nothing in it: no shell initialisation beyond the
+    /// system's, so what a command costs on the host is the command (and sshd), not an rc file.
+    Lean,
 }
 
 /// The password of [`Login::SudoPassword`], for a test that feeds it to `sudo -S`.
@@ -50,12 +53,15 @@ impl Login {
             Login::Bash => "roller-bash",
             Login::Sudo => "roller-sudo",
             Login::SudoPassword => "roller-sudo-pw",
+            Login::Lean => "roller-lean",
         }
     }
 
     fn shell(self) -> &'static str {
         match self {
-            Login::BashHeavy | Login::Bash | Login::Sudo | Login::SudoPassword => "bash",
+            Login::BashHeavy | Login::Bash | Login::Sudo | Login::SudoPassword | Login::Lean => {
+                "bash"
+            }
             Login::Zsh => "zsh",
             Login::Dash => "dash",
         }
@@ -75,7 +81,7 @@ impl Login {
                 ".zshenv",
                 "# zsh reads this for every command, interactive or not.\nexport LANG=C.UTF-8\n",
             )],
-            Login::Dash | Login::Bash | Login::Sudo | Login::SudoPassword => &[],
+            Login::Dash | Login::Bash | Login::Sudo | Login::SudoPassword | Login::Lean => &[],
         }
     }
 }
@@ -142,6 +148,16 @@ pub fn ensure(login: Login) -> anyhow::Result<Account> {
         let path = home.join(name);
         if std::fs::read_to_string(&path).ok().as_deref() != Some(*text) {
             std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    if login == Login::Lean {
+        // useradd copies /etc/skel, whose .bashrc bash reads for commands over SSH too.
+        for entry in std::fs::read_dir(&home)? {
+            let path = entry?.path();
+            if path.is_file() {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
         }
     }
     chown_tree(&home, found.uid, found.gid)?;

@@ -1,5 +1,6 @@
-//! The deploy users with sudo, checked over SSH as roller would meet them: a fleet that claims
-//! a passwordless sudo rule, or a sudo that asks for a password, must really behave so.
+//! Who the app hosts log in as, checked over SSH as roller would meet them: a deploy user with
+//! passwordless sudo, one whose sudo asks for a password, and lean logins with no shell
+//! initialisation of their own. A fleet that claims one of these must really behave so.
 //!
 //! Those users exist only when the fleet runs as root (as CI does); elsewhere these tests say
 //! so and pass without a fleet.
@@ -94,4 +95,32 @@ fn a_sudo_that_asks_for_a_password_runs_nothing_without_it() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "0");
+}
+
+#[test]
+fn lean_logins_have_an_empty_home_but_one_host_keeps_its_heavy_bashrc() {
+    if !is_root() {
+        eprintln!("skipped: the fleet creates its users only when run as root");
+        return;
+    }
+    let fleet =
+        Fleet::up(FleetSpec::for_test("lean_logins", 3).with_lean_logins()).expect("fleet up");
+    let users: Vec<String> = ["web-1", "web-2", "web-3"]
+        .iter()
+        .map(|h| fleet.host_user(h))
+        .collect();
+    assert_eq!(users, ["roller-bashrc", "roller-lean", "roller-lean"]);
+
+    let listing = |host: &str| {
+        let out = run_on(&fleet, host, "cd && pwd && ls -A");
+        assert!(out.status.success(), "{host}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let lean = listing("web-2");
+    assert_eq!(
+        lean, "/var/lib/roller-fleet/home/roller-lean",
+        "only the home itself"
+    );
+    let heavy = listing("web-1");
+    assert!(heavy.lines().any(|l| l == ".bashrc"), "{heavy}");
 }
