@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use roller_fleet::{
-    Fleet, FleetSpec, HostStatus, JarSpec, Load, LoadOptions, Mode, Role, SlotStatus, proc,
+    Bastion, Fleet, FleetSpec, HostStatus, JarSpec, Load, LoadOptions, Mode, Role, SlotStatus, proc,
 };
 
 /// `cargo xtask fleet up` lives at 127.77.0.x and the demo at 127.77.1.x, so both can run at
@@ -83,6 +83,15 @@ enum FleetAction {
         /// Blue-green on one machine: nginx and both slots of the one app host on the LB host.
         #[arg(long, conflicts_with = "hosts")]
         blue_green_single: bool,
+        /// A bastion host at .9 in front of the fleet.
+        #[arg(long)]
+        bastion: bool,
+        /// A bastion, and LB and app hosts that admit logins only from it.
+        #[arg(long, conflicts_with = "bastion")]
+        bastion_only: bool,
+        /// LB and app hosts whose sshd refuses port forwarding.
+        #[arg(long)]
+        refuse_forwarding: bool,
     },
     /// Stop the fleet's processes (by the PIDs it recorded).
     Down {
@@ -138,6 +147,9 @@ fn fleet(action: FleetAction) -> anyhow::Result<bool> {
             root,
             blue_green,
             blue_green_single,
+            bastion,
+            bastion_only,
+            refuse_forwarding,
         } => {
             let root = root.unwrap_or_else(default_root);
             let mode = match (blue_green, blue_green_single) {
@@ -145,7 +157,16 @@ fn fleet(action: FleetAction) -> anyhow::Result<bool> {
                 (true, false) => Mode::BlueGreen,
                 (false, false) => Mode::Rolling,
             };
-            let spec = FleetSpec::new(&root, hosts, FLEET_NET).with_mode(mode);
+            let mut spec = FleetSpec::new(&root, hosts, FLEET_NET)
+                .with_mode(mode)
+                .with_bastion(match (bastion, bastion_only) {
+                    (_, true) => Bastion::Only,
+                    (true, false) => Bastion::Open,
+                    (false, false) => Bastion::None,
+                });
+            if refuse_forwarding {
+                spec = spec.with_forwarding_refused();
+            }
             match mode {
                 Mode::Rolling => println!(
                     "starting {hosts} app hosts and a load balancer in {}",
@@ -166,6 +187,12 @@ fn fleet(action: FleetAction) -> anyhow::Result<bool> {
             println!();
             println!("inventory:     {}", fleet.inventory_path().display());
             println!("load balancer: {}", fleet.lb_url());
+            if let Some(bastion) = fleet.bastion() {
+                println!(
+                    "bastion:       {}@{}:{}",
+                    bastion.user, bastion.address, bastion.port
+                );
+            }
             println!("v2 jar:        {}", v2.display());
             println!();
             println!("next:");
