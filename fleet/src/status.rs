@@ -10,6 +10,8 @@ use crate::proc;
 pub enum Role {
     Balancer,
     App,
+    /// Only an sshd: no app, no release, no health.
+    Bastion,
 }
 
 /// One row of `cargo xtask fleet status`.
@@ -48,7 +50,7 @@ pub struct SlotStatus {
 }
 
 impl Fleet {
-    /// The balancer first, then every app host.
+    /// The balancer first, then every app host, then the bastion if there is one.
     pub fn status(&self) -> Vec<HostStatus> {
         let lb = &self.state.lb;
         let nginx_pid = self.nginx_pid();
@@ -99,6 +101,22 @@ impl Fleet {
                 live_release: self.live_release(&host.name),
                 health: self.app_health(&host.name),
                 slots,
+            });
+        }
+        if let Some(bastion) = &self.state.bastion {
+            rows.push(HostStatus {
+                name: bastion.name.clone(),
+                address: bastion.address.clone(),
+                role: Role::Bastion,
+                sshd_pid: bastion.sshd_pid,
+                sshd_alive: bastion
+                    .sshd_pid
+                    .is_some_and(|p| proc::belongs_to(p, &bastion.sshd_dir())),
+                app_pid: None,
+                app_alive: false,
+                live_release: None,
+                health: None,
+                slots: Vec::new(),
             });
         }
         rows

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use roller_fleet::{BASTION_NAME, Bastion, Fleet, FleetSpec};
+use roller_fleet::{BASTION_NAME, Bastion, Fleet, FleetSpec, Role};
 
 /// `ssh` options for a strict, non-interactive login with the fleet's key and known_hosts.
 fn strict(fleet: &Fleet) -> Vec<String> {
@@ -70,6 +70,9 @@ fn bastion_only_hosts_refuse_direct_logins_and_take_the_bastion_s_forwards() {
     let bastion = fleet.bastion().expect("a bastion endpoint");
     assert_eq!(bastion.address, fleet.spec().bastion_address());
     assert_eq!(bastion.address, fleet.host_address(BASTION_NAME));
+    let status = fleet.status();
+    let row = status.last().expect("status rows");
+    assert_eq!((row.role, row.sshd_alive), (Role::Bastion, true), "{row:?}");
     let known_hosts = std::fs::read_to_string(fleet.known_hosts_path()).unwrap();
     assert!(
         known_hosts.lines().any(|l| l == bastion.known_hosts_line),

@@ -272,6 +272,7 @@ fn print_status(rows: &[HostStatus]) {
         let app = match row.role {
             Role::Balancer => process(row.app_alive, row.app_pid, "nginx"),
             Role::App => process(row.app_alive, row.app_pid, "java"),
+            Role::Bastion => "-".to_string(),
         };
         println!(
             "{:<8} {:<16} {:<14} {:<16} {:<9} {}",
