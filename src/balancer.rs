@@ -304,14 +304,12 @@ mod tests {
             Host {
                 name: "web-1".into(),
                 address: "10.0.1.11".into(),
-                user: None,
-                server: Default::default(),
+                ..Default::default()
             },
             Host {
                 name: "web-2".into(),
                 address: "fd00::12".into(),
-                user: None,
-                server: Default::default(),
+                ..Default::default()
             },
         ];
         Nginx {

@@ -110,7 +110,7 @@ user = "ec2 user"
     assert_eq!(
         problems(text),
         vec![
-            "ssh.conect_timeout: unknown key (expected one of: user, port, identity, known_hosts, connect_timeout, allow_sha1_rsa)",
+            "ssh.conect_timeout: unknown key (expected one of: user, port, identity, identity_passphrase_env, known_hosts, connect_timeout, allow_sha1_rsa, proxy_jump, proxy_command, max_concurrent_connects)",
             "ssh.port: must be between 1 and 65535, got 70000",
             "app.port: must be an integer, got string",
             "app.keep_releases: must be between 2 and 1000, got 1",

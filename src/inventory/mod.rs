@@ -14,6 +14,9 @@ use crate::error::{Error, Problem, Result};
 
 mod reader;
 mod sections;
+mod ssh;
+
+pub use ssh::{HostReach, SshConfig};
 
 use reader::Reader;
 
@@ -138,19 +141,6 @@ pub struct CanaryConfig {
 impl Eq for CanaryConfig {}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct SshConfig {
-    pub user: String,
-    pub port: u16,
-    /// Private key file; `None` means the ssh-agent.
-    pub identity: Option<PathBuf>,
-    pub known_hosts: PathBuf,
-    #[serde(with = "human")]
-    pub connect_timeout: Duration,
-    /// Accept SHA-1 `ssh-rsa` host-key signatures (old servers only).
-    pub allow_sha1_rsa: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AppConfig {
     pub name: String,
     /// `releases/<release>/<jar_name>` and the `current` link live here. A relative path is
@@ -221,7 +211,7 @@ impl MinHealthy {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Host {
     pub name: String,
     pub address: String,
@@ -231,6 +221,12 @@ pub struct Host {
     /// nginx `server` parameters for this host, written at every rewrite of the upstream file.
     #[serde(skip_serializing_if = "ServerParams::is_default")]
     pub server: ServerParams,
+    /// How this host is reached where it differs from `[ssh]`.
+    #[serde(skip_serializing_if = "HostReach::is_default")]
+    pub reach: HostReach,
+    /// Words to select hosts by (`--tag`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 /// Per-server parameters of nginx's `server` directive that roller keeps; `weight` and `down`
@@ -345,43 +341,7 @@ impl Inventory {
         let health_t = r.optional_section(&root, "health").unwrap_or(&empty);
         let lb_t = r.section(&root, "balancer").unwrap_or(&empty);
 
-        r.unknown_keys(
-            "ssh",
-            ssh_t,
-            &[
-                "user",
-                "port",
-                "identity",
-                "known_hosts",
-                "connect_timeout",
-                "allow_sha1_rsa",
-            ],
-        );
-        let ssh = SshConfig {
-            user: r.word(ssh_t, "ssh", "user", None),
-            port: r.port(ssh_t, "ssh", "port", Some(22)),
-            identity: r
-                .optional_string(ssh_t, "ssh", "identity")
-                .map(|p| expand_home(&p)),
-            known_hosts: expand_home(&r.string(
-                ssh_t,
-                "ssh",
-                "known_hosts",
-                Some("~/.ssh/known_hosts"),
-            )),
-            connect_timeout: r.duration(ssh_t, "ssh", "connect_timeout", Some("10s")),
-            allow_sha1_rsa: match ssh_t.get("allow_sha1_rsa") {
-                None => false,
-                Some(toml::Value::Boolean(b)) => *b,
-                Some(other) => {
-                    r.problem(
-                        "ssh.allow_sha1_rsa",
-                        format!("must be true or false, got {other}"),
-                    );
-                    false
-                }
-            },
-        };
+        let ssh = r.ssh(ssh_t);
 
         r.unknown_keys(
             "app",

@@ -263,6 +263,10 @@ impl Reader {
                     "name",
                     "address",
                     "user",
+                    "port",
+                    "identity",
+                    "proxy_jump",
+                    "tags",
                     "max_fails",
                     "fail_timeout",
                     "max_conns",
@@ -303,11 +307,15 @@ impl Reader {
                     format!("duplicate {address:?} (also hosts[{first}].address)"),
                 );
             }
+            let reach = self.host_reach(t, &section);
+            let tags = self.tags(t, &section);
             hosts.push(Host {
                 name,
                 address,
                 user,
                 server,
+                reach,
+                tags,
             });
         }
         hosts

@@ -165,7 +165,7 @@ pub trait Transport: Send + Sync {
 }
 
 /// Where and how to reach one host.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Endpoint {
     /// Inventory name, used in every message.
     pub name: String,
