@@ -174,6 +174,28 @@ pub fn prune_slots(app: &AppConfig) -> String {
     )
 }
 
+/// Prints the size of the canary's access log in bytes, the offset its hold starts from.
+pub fn log_size(access_log: &str) -> String {
+    let log = quote(access_log);
+    format!(
+        "test -r {log} || {{ echo 'cannot read the access log '{log} >&2; exit 1; }}; wc -c < {log}"
+    )
+}
+
+/// Prints what the access log gained since the offset read on stdin, at most its last 16 MB:
+/// a hold's worth of lines is what the canary is judged on, not a day's.
+pub fn log_since(access_log: &str) -> String {
+    format!(
+        "IFS= read -r o && tail -c \"+$((o + 1))\" {} | tail -c 16000000",
+        quote(access_log)
+    )
+}
+
+/// Prints what `roller promote` or `roller abort` left in the decision file, if anything.
+pub fn read_decision(file: &str) -> String {
+    format!("cat {} 2>/dev/null; true", quote(file))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,6 +370,55 @@ mod tests {
             );
             assert!(!cmd.contains("echo \""), "{cmd}");
         }
+    }
+
+    /// Under sh, on a real file: the size, then only the lines written after it.
+    #[test]
+    fn the_access_log_is_read_from_the_offset_given_on_stdin() {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let dir = tempfile_dir("log-since");
+        let log = dir.join("access log");
+        std::fs::write(&log, "before\n").unwrap();
+        let sh = |cmd: &str, stdin: &str| {
+            let mut child = Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(stdin.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let size = sh(&log_size(log.to_str().unwrap()), "");
+        assert_eq!(size.trim(), "7");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .unwrap()
+            .write_all(b"after\n")
+            .unwrap();
+        let since = sh(
+            &log_since(log.to_str().unwrap()),
+            &format!("{}\n", size.trim()),
+        );
+        assert_eq!(since, "after\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn tempfile_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("roller-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     #[test]

@@ -92,13 +92,15 @@ impl Plan {
                 phases: vec![
                     phase(
                         PhaseName::Switch,
-                        per_host(&|_| Action::Run {
+                        per_host(&|_| Action::Switch {
+                            release: release.clone(),
                             command: remote::switch_link(app, &link, &release),
                         }),
                     ),
                     phase(
                         PhaseName::StartSlot,
-                        per_host(&|_| Action::Run {
+                        per_host(&|_| Action::StartSlot {
+                            slot: idle,
                             command: bg.command(&bg.restart, idle),
                         }),
                     ),
@@ -114,7 +116,7 @@ impl Plan {
                     ),
                     phase(
                         PhaseName::KeepOld,
-                        per_host(&|_| Action::Run {
+                        per_host(&|_| Action::KeepOld {
                             command: remote::keep_old(app, idle.as_str(), &stop_old, bg.keep_old),
                         }),
                     ),
@@ -139,7 +141,8 @@ impl Plan {
                     ),
                     phase(
                         PhaseName::StopSlot,
-                        per_host(&|_| Action::Run {
+                        per_host(&|_| Action::StopSlot {
+                            slot: idle,
                             command: bg.command(&bg.stop, idle),
                         }),
                     ),
@@ -159,7 +162,7 @@ impl Plan {
         let finish = if done_everywhere {
             Vec::new()
         } else {
-            per_host(&|_| Action::Run {
+            per_host(&|_| Action::Prune {
                 command: remote::prune_slots(app),
             })
         };
@@ -215,7 +218,7 @@ impl Plan {
                     // any other.
                     phase(
                         PhaseName::KeepOld,
-                        per_host(&|_| Action::Run {
+                        per_host(&|_| Action::KeepOld {
                             command: remote::keep_old(
                                 &inv.app,
                                 back.as_str(),

@@ -6,6 +6,7 @@ use super::rolling::{Batches, Group};
 use super::{Action, Judgement, Phase, PhaseName, Role, Step, decision_file, pool_steps};
 use crate::balancer::Pool;
 use crate::inventory::CanaryConfig;
+use crate::remote;
 
 /// The canary's phases after its health check, and the head of its rollback: a canary serves
 /// traffic when it is judged, so rolling it back starts by taking it out of the pool again and
@@ -44,6 +45,8 @@ pub(super) fn ladder(
                     max_latency_ratio: c.max_latency_ratio,
                     min_requests: c.min_requests,
                 },
+                measure: remote::log_size(&c.access_log),
+                read: remote::log_since(&c.access_log),
             }),
         });
     }
@@ -60,6 +63,7 @@ pub(super) fn ladder(
                 target: inv.balancer.lock_host.clone(),
                 role: Role::Balancer,
                 action: Action::AwaitDecision {
+                    command: remote::read_decision(&decision_file(inv)),
                     file: decision_file(inv),
                 },
             }],

@@ -177,8 +177,23 @@ pub const FLEET: &str = "fleet";
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Action {
-    /// Must exit 0. Output is kept for the report (pre-flight facts, pruned releases).
-    Run { command: String },
+    /// Pre-flight's look at a host or a load balancer: must exit 0, and its output is what
+    /// pre-flight reads (a host's facts as `key=value` lines, a load balancer's upstream file).
+    Check { command: String },
+    /// Points `current`, or a blue-green slot's link, at `release`.
+    Switch { release: String, command: String },
+    /// Points `current` back at the release the last switch replaced, and prints it.
+    SwitchBack { command: String },
+    /// `app.restart`: the service starts again on the release `current` points at.
+    Restart { command: String },
+    /// Blue-green: starts `slot` on its own port.
+    StartSlot { slot: Slot, command: String },
+    /// Blue-green: stops `slot`, which will not get traffic.
+    StopSlot { slot: Slot, command: String },
+    /// Blue-green: records the live slot and stops the old one once `keep_old` has passed.
+    KeepOld { command: String },
+    /// Removes old releases and prints those it removed.
+    Prune { command: String },
     /// `check` prints `present` when the host already holds the jar; otherwise the jar is
     /// streamed to `upload` on stdin.
     Upload { check: String, upload: String },
@@ -210,9 +225,13 @@ pub enum Action {
         /// The canary's share of its fair traffic during this hold, in percent.
         weight: u32,
         judgement: Judgement,
+        /// Prints the access log's size before the hold.
+        measure: String,
+        /// Prints what the log gained since the offset it reads on stdin, capped.
+        read: String,
     },
-    /// Polls `file` until it holds `promote <rollout>` or `abort <rollout>`.
-    AwaitDecision { file: String },
+    /// Polls `file` with `command` until it holds `promote <rollout>` or `abort <rollout>`.
+    AwaitDecision { file: String, command: String },
     /// Probes every host that stays in the pool once; fails when fewer than `min_healthy`
     /// answer healthy.
     CapacityCheck {
@@ -312,7 +331,7 @@ impl Plan {
             .map(|h| Step {
                 target: h.name.clone(),
                 role: Role::App,
-                action: Action::Run {
+                action: Action::Check {
                     command: remote::preflight(&inv.app),
                 },
             })
@@ -320,7 +339,7 @@ impl Plan {
         steps.extend(inv.balancer.hosts.iter().map(|lb| Step {
             target: lb.clone(),
             role: Role::Balancer,
-            action: Action::Run {
+            action: Action::Check {
                 command: balancer.test_command(),
             },
         }));

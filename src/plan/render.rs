@@ -106,7 +106,14 @@ fn render_steps(out: &mut String, label: &str, phase: &Phase) {
             Role::Balancer => format!("lb {}", step.target),
         };
         match &step.action {
-            Action::Run { command } => {
+            Action::Check { command }
+            | Action::Switch { command, .. }
+            | Action::SwitchBack { command }
+            | Action::Restart { command }
+            | Action::StartSlot { command, .. }
+            | Action::StopSlot { command, .. }
+            | Action::KeepOld { command }
+            | Action::Prune { command } => {
                 out.push_str(&format!("  {label} {who}\n      $ {command}\n"));
             }
             Action::Upload { check, upload } => out.push_str(&format!(
@@ -162,16 +169,18 @@ fn render_steps(out: &mut String, label: &str, phase: &Phase) {
                 canary,
                 weight,
                 judgement,
+                measure,
+                read,
             } => out.push_str(&format!(
-                "  {label} {who}: hold {} at {weight}% of the canary's share, then judge {} from {access_log}: abort above +{:.1} points of 5xx or {}x the others' mean upstream time, or below {} canary requests\n",
+                "  {label} {who}: hold {} at {weight}% of the canary's share, then judge {} from {access_log}: abort above +{:.1} points of 5xx or {}x the others' mean upstream time, or below {} canary requests\n      $ {measure}\n      after the hold, the size it printed on stdin to:\n      $ {read}\n",
                 humantime::format_duration(*hold),
                 canary.join(", "),
                 judgement.max_error_rate_increase * 100.0,
                 judgement.max_latency_ratio,
                 judgement.min_requests,
             )),
-            Action::AwaitDecision { file } => out.push_str(&format!(
-                "  {label} {who}: wait for `roller promote` or `roller abort` (they write {file})\n"
+            Action::AwaitDecision { file, command } => out.push_str(&format!(
+                "  {label} {who}: wait for `roller promote` or `roller abort` (they write {file})\n      $ {command}, every second\n"
             )),
             Action::CapacityCheck {
                 staying,

@@ -154,7 +154,7 @@ impl Plan {
             batches,
             finish: Phase {
                 name: PhaseName::Prune,
-                steps: app_steps(inv.hosts.iter(), &|_| Action::Run {
+                steps: app_steps(inv.hosts.iter(), &|_| Action::Prune {
                     command: remote::prune(app),
                 }),
             },
@@ -322,7 +322,8 @@ impl<'a> Batches<'a> {
             phase(PhaseName::Drain, self.drain(hosts)),
             phase(
                 PhaseName::Switch,
-                app_steps(hosts.iter().copied(), &|h| Action::Run {
+                app_steps(hosts.iter().copied(), &|h| Action::Switch {
+                    release: self.targets[&h.name].clone(),
                     command: remote::switch(&self.inv.app, &self.targets[&h.name]),
                 }),
             ),
@@ -378,7 +379,7 @@ impl<'a> Batches<'a> {
         [
             Phase {
                 name: PhaseName::SwitchBack,
-                steps: app_steps(hosts.iter().copied(), &|_| Action::Run {
+                steps: app_steps(hosts.iter().copied(), &|_| Action::SwitchBack {
                     command: remote::switch_back(&self.inv.app),
                 }),
             },
@@ -452,7 +453,7 @@ impl<'a> Batches<'a> {
     }
 
     fn restart(&self, hosts: &[&Host]) -> Vec<Step> {
-        app_steps(hosts.iter().copied(), &|_| Action::Run {
+        app_steps(hosts.iter().copied(), &|_| Action::Restart {
             command: self.inv.app.restart.clone(),
         })
     }

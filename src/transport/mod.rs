@@ -6,6 +6,7 @@
 #[cfg(feature = "testing")]
 pub mod memory;
 pub mod reconnect;
+pub mod sessions;
 pub mod ssh;
 
 use std::sync::Arc;

@@ -1,0 +1,520 @@
+//! One function per action a plan step can take: run a command, upload the jar, change the
+//! pool, wait for a drain or for health, judge a canary, wait for a decision, check capacity.
+//! Each returns how the step ended; what that means for the batch is decided elsewhere.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use futures::future::join_all;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use super::{
+    COMMAND_DEADLINE, DECISION_POLL, DRAIN_POLL, Executor, PROBE_DEADLINE, STAGE_PARALLELISM,
+    UPLOAD_FLOOR, release_name,
+};
+use crate::balancer::{APPLY_REJECTED, APPLY_UNCONFIRMED};
+use crate::canary;
+use crate::error::HostFailure;
+use crate::health::HealthSpec;
+use crate::plan::{Action, Phase, PhaseName, Role, Step, is_release};
+use crate::report::StepState;
+use crate::transport::Transport;
+
+/// A failed step, before it is attributed to a batch.
+#[derive(Debug)]
+pub(super) struct StepFailure {
+    pub target: String,
+    pub phase: PhaseName,
+    pub message: String,
+    pub role: Role,
+    pub interrupted: bool,
+}
+
+pub(super) fn to_host_failure(f: StepFailure) -> HostFailure {
+    HostFailure {
+        host: f.target,
+        step: f.phase.to_string(),
+        message: f.message,
+    }
+}
+
+pub(super) enum StepDone {
+    Done,
+    /// Done, with something the operator should read (a canary verdict).
+    Noted(String),
+    Skipped(String),
+}
+
+pub(super) struct StepError {
+    message: String,
+    interrupted: bool,
+}
+
+impl StepError {
+    pub fn interrupted(reason: String) -> StepError {
+        StepError {
+            message: format!("interrupted ({reason})"),
+            interrupted: true,
+        }
+    }
+}
+
+impl From<String> for StepError {
+    fn from(message: String) -> StepError {
+        StepError {
+            message,
+            interrupted: false,
+        }
+    }
+}
+
+impl From<&str> for StepError {
+    fn from(message: &str) -> StepError {
+        StepError::from(message.to_string())
+    }
+}
+
+type StepResult = std::result::Result<StepDone, StepError>;
+
+impl Executor<'_> {
+    pub(super) async fn run_phase(
+        &self,
+        batch: Option<usize>,
+        phase: &Phase,
+        skip: &BTreeSet<String>,
+    ) -> std::result::Result<(), Vec<StepFailure>> {
+        let uploads = phase
+            .steps
+            .iter()
+            .all(|s| matches!(s.action, Action::Upload { .. }));
+        let limit = Semaphore::new(if uploads {
+            STAGE_PARALLELISM
+        } else {
+            phase.steps.len().max(1)
+        });
+        let results = join_all(phase.steps.iter().map(|step| async {
+            if skip.contains(&step.target) {
+                self.emit(
+                    batch,
+                    phase.name,
+                    &step.target,
+                    StepState::Skipped,
+                    None,
+                    None,
+                );
+                return Ok(());
+            }
+            let _permit = limit.acquire().await.expect("semaphore is never closed");
+            self.emit_step(batch, phase.name, step, StepState::Started, None, None);
+            let started = Instant::now();
+            let result = self.run_step(step).await;
+            let elapsed = Some(started.elapsed());
+            match result {
+                Ok(StepDone::Done) => {
+                    self.emit_step(batch, phase.name, step, StepState::Succeeded, elapsed, None);
+                    Ok(())
+                }
+                Ok(StepDone::Noted(note)) => {
+                    self.emit_step(
+                        batch,
+                        phase.name,
+                        step,
+                        StepState::Succeeded,
+                        elapsed,
+                        Some(note.clone()),
+                    );
+                    self.ledger
+                        .note(format!("{} {}: {note}", step.target, phase.name));
+                    Ok(())
+                }
+                Ok(StepDone::Skipped(why)) => {
+                    self.emit_step(
+                        batch,
+                        phase.name,
+                        step,
+                        StepState::Skipped,
+                        elapsed,
+                        Some(why),
+                    );
+                    Ok(())
+                }
+                Err(StepError {
+                    message,
+                    interrupted,
+                }) => {
+                    self.emit_step(
+                        batch,
+                        phase.name,
+                        step,
+                        StepState::Failed,
+                        elapsed,
+                        Some(message.clone()),
+                    );
+                    Err(StepFailure {
+                        target: step.target.clone(),
+                        phase: phase.name,
+                        message,
+                        role: step.role,
+                        interrupted,
+                    })
+                }
+            }
+        }))
+        .await;
+        let failures: Vec<StepFailure> = results.into_iter().filter_map(|r| r.err()).collect();
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(failures)
+        }
+    }
+
+    async fn run_step(&self, step: &Step) -> StepResult {
+        if let Action::CapacityCheck {
+            staying,
+            returning,
+            min_healthy,
+            path,
+            port,
+            expect_status,
+        } = &step.action
+        {
+            return self
+                .capacity_check(
+                    staying,
+                    returning,
+                    *min_healthy,
+                    path,
+                    *port,
+                    *expect_status,
+                )
+                .await
+                .map_err(StepError::from);
+        }
+        let session = self
+            .sessions
+            .get(&step.target)
+            .ok_or_else(|| format!("no session to {}", step.target))?;
+        let session = session.as_ref();
+        match &step.action {
+            Action::Check { command }
+            | Action::Restart { command }
+            | Action::StartSlot { command, .. }
+            | Action::StopSlot { command, .. }
+            | Action::KeepOld { command }
+            | Action::Prune { command } => {
+                run(session, command, None, COMMAND_DEADLINE).await?;
+                Ok(StepDone::Done)
+            }
+            Action::Switch { release, command } => {
+                self.switch(&step.target, session, release, command).await
+            }
+            Action::SwitchBack { command } => {
+                self.switch_back(&step.target, session, command).await
+            }
+            Action::Upload { check, upload } => self.upload(session, check, upload).await,
+            Action::SetPool {
+                pool,
+                content,
+                command,
+            } => self
+                .set_pool(&step.target, session, &pool.down, content, command)
+                .await
+                .map_err(StepError::from),
+            Action::Drain {
+                command,
+                quiet,
+                timeout,
+            } => self.drain(session, command, *quiet, *timeout).await,
+            Action::HealthCheck(spec) => self.wait_healthy(session, spec).await,
+            Action::Observe { .. } => self.observe(session, &step.action).await,
+            Action::AwaitDecision { command, .. } => self.await_decision(session, command).await,
+            Action::CapacityCheck { .. } => unreachable!("handled above"),
+        }
+    }
+
+    /// Moves the host's link to `release`. It counts as switched before the command runs: if
+    /// the command's fate is unknown (a lost connection), rollback must assume it moved.
+    async fn switch(
+        &self,
+        host: &str,
+        session: &dyn Transport,
+        release: &str,
+        command: &str,
+    ) -> StepResult {
+        self.ledger.with_host(host, |h| h.switched = true);
+        run(session, command, None, COMMAND_DEADLINE).await?;
+        self.ledger
+            .with_host(host, |h| h.release = Some(release.to_string()));
+        Ok(StepDone::Done)
+    }
+
+    /// Moves the host's `current` back to the release it had before the last switch.
+    async fn switch_back(&self, host: &str, session: &dyn Transport, command: &str) -> StepResult {
+        self.ledger.with_host(host, |h| h.switched = false);
+        let stdout = run(session, command, None, COMMAND_DEADLINE).await?;
+        // Read back from the host's `.roller/previous`: known only if it is a release by the
+        // release rules.
+        let release = Some(release_name(stdout.trim())).filter(|r| is_release(r));
+        self.ledger.with_host(host, |h| h.release = release);
+        Ok(StepDone::Done)
+    }
+
+    /// Streams the jar to the host unless it already holds it with the right checksum.
+    async fn upload(&self, session: &dyn Transport, check: &str, upload: &str) -> StepResult {
+        let artifact = self.plan.artifact.as_ref().ok_or("no artifact to upload")?;
+        let present = run(session, check, None, COMMAND_DEADLINE).await?;
+        if present.trim() == "present" {
+            return Ok(StepDone::Skipped("already holds the jar".into()));
+        }
+        let deadline = UPLOAD_FLOOR + Duration::from_secs(artifact.bytes / 5_000_000);
+        run(session, upload, Some(artifact.content.clone()), deadline).await?;
+        Ok(StepDone::Done)
+    }
+
+    /// Drained means no connection for `quiet` in a row: a single sample of none can fall
+    /// between nginx accepting a request and connecting to the host.
+    async fn drain(
+        &self,
+        session: &dyn Transport,
+        command: &str,
+        quiet: Duration,
+        timeout: Duration,
+    ) -> StepResult {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let mut quiet_since: Option<Instant> = None;
+        loop {
+            // Each poll ends by the drain's own deadline: `drain_timeout` bounds the
+            // whole wait, a slow host included.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let out = run(session, command, None, left.min(COMMAND_DEADLINE))
+                .await
+                .map_err(|e| {
+                    format!(
+                        "no in-flight count within drain_timeout {}: {e}",
+                        humantime::format_duration(timeout)
+                    )
+                })?;
+            let mut lines = out.lines();
+            let open: u64 = lines
+                .next()
+                .and_then(|l| l.trim().parse().ok())
+                .ok_or_else(|| format!("unexpected connection count {out:?}"))?;
+            let retiring: Option<u64> = lines.next().and_then(|l| l.trim().parse().ok());
+            let now = Instant::now();
+            // With no process left from before the pool change, everything that routes
+            // has the batch out of its pool: no connection to it can open again, so
+            // one sample of none is the drain, and the quiet window is not needed.
+            if open == 0 && retiring == Some(0) {
+                return Ok(StepDone::Done);
+            }
+            if open == 0 {
+                let since = *quiet_since.get_or_insert(now);
+                if now.duration_since(since) >= quiet {
+                    return Ok(StepDone::Done);
+                }
+            } else {
+                quiet_since = None;
+            }
+            if now + DRAIN_POLL > deadline {
+                let why = if open > 0 {
+                    format!("{open} connection(s) from this load balancer to the batch still open")
+                } else {
+                    format!(
+                        "connections to the batch kept opening, never {} without one",
+                        humantime::format_duration(quiet)
+                    )
+                };
+                return Err(format!(
+                    "balancer.drain_timeout ({}) ended the wait, not the drain: {why}; \
+                     connections of nginx workers from before a reload last until those \
+                     workers exit, which worker_shutdown_timeout in nginx.conf bounds",
+                    humantime::format_duration(timeout)
+                )
+                .into());
+            }
+            self.pause(DRAIN_POLL).await?;
+        }
+    }
+
+    async fn wait_healthy(&self, session: &dyn Transport, spec: &HealthSpec) -> StepResult {
+        // Waiting for health changes nothing, so an interrupt may cut it short.
+        tokio::select! {
+            biased;
+            result = self.health.wait_healthy(session, spec) => {
+                result.map(|()| StepDone::Done).map_err(StepError::from)
+            }
+            reason = self.interruption() => Err(StepError::interrupted(reason)),
+        }
+    }
+
+    /// Holds the canary at `weight`, then judges it from the access log lines written meanwhile.
+    async fn observe(&self, session: &dyn Transport, observe: &Action) -> StepResult {
+        let Action::Observe {
+            access_log,
+            hold,
+            canary,
+            weight,
+            judgement,
+            measure,
+            read,
+        } = observe
+        else {
+            unreachable!("only an observe step is observed")
+        };
+        let size = run(session, measure, None, COMMAND_DEADLINE).await?;
+        let offset: u64 = size
+            .trim()
+            .parse()
+            .map_err(|_| format!("unexpected size of {access_log}: {size:?}"))?;
+        self.pause(*hold).await?;
+        let text = run(
+            session,
+            read,
+            Some(format!("{offset}\n").into()),
+            COMMAND_DEADLINE,
+        )
+        .await?;
+        let stats = canary::parse_log(&text);
+        let servers: BTreeSet<String> = canary.iter().cloned().collect();
+        match canary::judge(&stats, &servers, judgement) {
+            Ok(verdict) => Ok(StepDone::Noted(format!("at {weight}%: {verdict}"))),
+            Err(why) => Err(format!("canary at {weight}%: {why}").into()),
+        }
+    }
+
+    /// Polls the decision file until `roller promote` or `roller abort` named this rollout.
+    async fn await_decision(&self, session: &dyn Transport, command: &str) -> StepResult {
+        let promote = format!("promote {}", self.options.rollout_id);
+        let abort = format!("abort {}", self.options.rollout_id);
+        loop {
+            let said = run(session, command, None, COMMAND_DEADLINE).await?;
+            match said.trim() {
+                s if s == promote => {
+                    return Ok(StepDone::Noted("promoted with `roller promote`".into()));
+                }
+                s if s == abort => {
+                    return Err("aborted with `roller abort`".into());
+                }
+                _ => self.pause(DECISION_POLL).await?,
+            }
+        }
+    }
+
+    /// Installs a pool on one load balancer. A refused file changed nothing; any other failure
+    /// leaves that load balancer's pool unknown, for the report to say.
+    async fn set_pool(
+        &self,
+        target: &str,
+        session: &dyn Transport,
+        down: &BTreeSet<String>,
+        content: &str,
+        command: &str,
+    ) -> std::result::Result<StepDone, String> {
+        let result = session
+            .exec(command, Some(content.to_string().into()), COMMAND_DEADLINE)
+            .await;
+        match result {
+            Ok(out) if out.success() => {
+                self.ledger.pool_applied(target, down);
+                Ok(StepDone::Done)
+            }
+            Ok(out) if out.status == Some(APPLY_REJECTED) => Err(format!(
+                "nginx refused the new upstream file, the old one was restored: {}",
+                out.stderr_text()
+            )),
+            Ok(out) => {
+                self.ledger.pool_unknown(target);
+                Err(if out.status == Some(APPLY_UNCONFIRMED) {
+                    format!("reload not confirmed: {}", out.stderr_text())
+                } else {
+                    describe_failure(&out)
+                })
+            }
+            Err(e) => {
+                self.ledger.pool_unknown(target);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Refuses to take a batch out unless enough of the hosts staying in the pool answer
+    /// their health check right now.
+    async fn capacity_check(
+        &self,
+        staying: &[String],
+        returning: &[String],
+        min_healthy: usize,
+        path: &str,
+        port: u16,
+        expect_status: u16,
+    ) -> std::result::Result<StepDone, String> {
+        let probes = join_all(staying.iter().map(|name| async move {
+            let address = &self.plan.hosts.iter().find(|h| &h.name == name)?.address;
+            let session = self.sessions.get(name)?;
+            let spec = HealthSpec {
+                address: address.clone(),
+                port,
+                path: path.to_string(),
+                expect_status,
+                interval: PROBE_DEADLINE,
+                timeout: PROBE_DEADLINE,
+                successes: 1,
+            };
+            let in_pool = self.ledger.host(name).in_pool || returning.contains(name);
+            let healthy = self
+                .health
+                .probe(session.as_ref(), &spec, PROBE_DEADLINE)
+                .await
+                .is_ok();
+            (in_pool && healthy).then(|| name.clone())
+        }))
+        .await;
+        let healthy: Vec<String> = probes.into_iter().flatten().collect();
+        if healthy.len() < min_healthy {
+            return Err(format!(
+                "only {} host(s) would stay healthy in the pool ({}), below balancer.min_healthy = {min_healthy}; the batch was not taken out",
+                healthy.len(),
+                if healthy.is_empty() {
+                    "none".to_string()
+                } else {
+                    healthy.join(", ")
+                }
+            ));
+        }
+        Ok(StepDone::Done)
+    }
+}
+
+/// Runs a command that must succeed and returns its stdout.
+pub(super) async fn run(
+    session: &dyn Transport,
+    command: &str,
+    stdin: Option<bytes::Bytes>,
+    deadline: Duration,
+) -> std::result::Result<String, String> {
+    let out = session
+        .exec(command, stdin, deadline)
+        .await
+        .map_err(|e| e.to_string())?;
+    if out.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(describe_failure(&out))
+    }
+}
+
+pub(super) fn describe_failure(out: &crate::transport::ExecOutput) -> String {
+    let status = match out.status {
+        Some(code) => format!("exit status {code}"),
+        None => "killed or disconnected".to_string(),
+    };
+    let stderr = out.stderr_text();
+    if stderr.is_empty() {
+        status
+    } else {
+        format!("{status}: {stderr}")
+    }
+}
