@@ -1,15 +1,19 @@
 //! The executor's decisions (order, rollback, reporting) over an in-memory fleet: what a real
 //! server would add here is only latency.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use roller::balancer::Nginx;
+use roller::balancer::{Balancer, Nginx};
 use roller::error::Error;
-use roller::executor::{self, Executor, ExecutorInput, FailurePolicy, Options};
+use roller::executor::{
+    self, Executor, ExecutorInput, FailurePolicy, JournalAndLockHost, KeptState, Options,
+};
 use roller::health::HttpOverSsh;
 use roller::inventory::Inventory;
+use roller::journal::{self, Progress, RolloutState, Status};
 use roller::plan::{Artifact, BatchSize, Plan, PlanInput};
+use roller::remote;
 use roller::report::{Event, HostOutcome, Outcome, Reporter, RolloutReport, StepState};
 use roller::transport::TransportError;
 use roller::transport::memory::{Call, MemoryFleet, fail, ok};
@@ -59,80 +63,142 @@ struct World {
     sick_on_v2: Vec<String>,
     /// Probes still to answer 503 after a restart, per host: a JVM warming up.
     warming: HashMap<String, u32>,
-    /// The rollout state last saved on the load balancer.
-    saved_state: Option<serde_json::Value>,
+    /// Every rollout state saved on the load balancer, in order.
+    saved_states: Vec<RolloutState>,
     /// Every upstream file the LB was given, in order.
     upstream_history: Vec<String>,
 }
 
+/// A command the fake hosts understand, recognized by being exactly what roller's own builders
+/// make for this inventory: a command roller did not mean to send matches nothing.
+#[derive(Debug, PartialEq)]
+enum Op {
+    SaveState,
+    Preflight,
+    TestBalancer,
+    SetPool,
+    InFlight,
+    ArtifactPresent,
+    Upload,
+    Switch(String),
+    SwitchBack,
+    Restart,
+    Prune,
+}
+
+const RELEASES: [&str; 3] = ["v0", "v1", "v2"];
+
+fn classify(inventory: &str, cmd: &str) -> Option<Op> {
+    let inv = Inventory::parse(inventory).unwrap();
+    let balancer = Nginx::new(&inv.balancer, &inv.app, &inv.hosts);
+    let app = &inv.app;
+    let sha = artifact_sha256();
+    let hosts: Vec<&roller::inventory::Host> = inv.hosts.iter().collect();
+    // Every run of hosts a batch can drain, in plan order.
+    let batches = (0..hosts.len()).flat_map(|i| (i + 1..=hosts.len()).map(move |j| (i, j)));
+    let op = if cmd == journal::write_state_command(&inv.balancer.state_dir, &app.name) {
+        Op::SaveState
+    } else if cmd == remote::preflight(app) {
+        Op::Preflight
+    } else if cmd == balancer.test_command() {
+        Op::TestBalancer
+    } else if cmd == balancer.apply_command() {
+        Op::SetPool
+    } else if batches
+        .into_iter()
+        .any(|(i, j)| cmd == balancer.in_flight_command(&hosts[i..j]))
+    {
+        Op::InFlight
+    } else if RELEASES
+        .iter()
+        .any(|r| cmd == remote::artifact_present(app, r, sha))
+    {
+        Op::ArtifactPresent
+    } else if RELEASES.iter().any(|r| cmd == remote::upload(app, r, sha)) {
+        Op::Upload
+    } else if let Some(r) = RELEASES.iter().find(|r| cmd == remote::switch(app, r)) {
+        Op::Switch(r.to_string())
+    } else if cmd == remote::switch_back(app) {
+        Op::SwitchBack
+    } else if cmd == app.restart {
+        Op::Restart
+    } else if cmd == remote::prune(app) {
+        Op::Prune
+    } else {
+        return None;
+    };
+    Some(op)
+}
+
 fn fleet(world: Arc<Mutex<World>>) -> MemoryFleet {
+    fleet_of(INVENTORY, world)
+}
+
+fn fleet_of(inventory: &'static str, world: Arc<Mutex<World>>) -> MemoryFleet {
     let w = world.clone();
     let exec = move |target: &str, cmd: &str, stdin: Option<&bytes::Bytes>| {
         let mut w = w.lock().unwrap();
-        if cmd.contains(".rollout.json") {
-            w.saved_state = Some(serde_json::from_slice(stdin.unwrap()).unwrap());
-            return ok("");
-        }
-        if cmd.contains("free_kb") {
-            let cur = w.current.get(target).cloned().unwrap_or_default();
-            return ok(&format!("free_kb=9999999\ncurrent=releases/{cur}\n"));
-        }
-        if cmd.contains("check balancer.pid_file") && !cmd.contains(".roller-new") {
-            return if w.lb_test_fails {
-                fail(1, "nginx: [emerg] unknown directive \"upstrem\"")
-            } else {
+        let op = classify(inventory, cmd)
+            .unwrap_or_else(|| panic!("unexpected command on {target}: {cmd}"));
+        match op {
+            Op::SaveState => {
+                let state = serde_json::from_slice(stdin.unwrap()).unwrap();
+                w.saved_states.push(state);
                 ok("")
-            };
+            }
+            Op::Preflight => {
+                let cur = w.current.get(target).cloned().unwrap_or_default();
+                ok(&format!("free_kb=9999999\ncurrent=releases/{cur}\n"))
+            }
+            Op::TestBalancer if w.lb_test_fails => {
+                fail(1, "nginx: [emerg] unknown directive \"upstrem\"")
+            }
+            Op::TestBalancer | Op::Upload | Op::Prune => ok(""),
+            Op::SetPool => {
+                let content = String::from_utf8(stdin.unwrap().to_vec()).unwrap();
+                w.upstream = content.clone();
+                w.upstream_history.push(content);
+                ok("")
+            }
+            Op::InFlight => {
+                let n = if w.in_flight.is_empty() {
+                    0
+                } else {
+                    w.in_flight.remove(0)
+                };
+                if w.reports_retiring {
+                    ok(&format!("{n}\n0\n"))
+                } else {
+                    ok(&format!("{n}\n"))
+                }
+            }
+            Op::ArtifactPresent => ok("absent\n"),
+            Op::Switch(release) => {
+                let prev = w
+                    .current
+                    .insert(target.to_string(), release.clone())
+                    .unwrap();
+                if prev != release {
+                    w.current.insert(format!("{target}.previous"), prev);
+                }
+                ok("")
+            }
+            Op::SwitchBack => {
+                let prev = w.current[&format!("{target}.previous")].clone();
+                w.current.insert(target.to_string(), prev.clone());
+                ok(&format!("releases/{prev}\n"))
+            }
+            Op::Restart => {
+                let live = if w.broken.iter().any(|b| b == target) {
+                    "crashed".to_string()
+                } else {
+                    w.current[target].clone()
+                };
+                w.running.insert(target.to_string(), live);
+                w.warming.insert(target.to_string(), 1);
+                ok("")
+            }
         }
-        if cmd.contains(".roller-new") {
-            let content = String::from_utf8(stdin.unwrap().to_vec()).unwrap();
-            w.upstream = content.clone();
-            w.upstream_history.push(content);
-            return ok("");
-        }
-        if cmd.starts_with("ss -Htn") {
-            let n = if w.in_flight.is_empty() {
-                0
-            } else {
-                w.in_flight.remove(0)
-            };
-            return if w.reports_retiring {
-                ok(&format!("{n}\n0\n"))
-            } else {
-                ok(&format!("{n}\n"))
-            };
-        }
-        if cmd.contains("echo present") {
-            return ok("absent\n");
-        }
-        if cmd.contains(".app.jar.part") {
-            return ok("");
-        }
-        if cmd.contains("mv -T .roller/current.new current") && cmd.contains("ln -sfn releases/v2")
-        {
-            let prev = w.current.insert(target.to_string(), "v2".into()).unwrap();
-            w.current.insert(format!("{target}.previous"), prev);
-            return ok("");
-        }
-        if cmd.contains("no previous release recorded") {
-            let prev = w.current[&format!("{target}.previous")].clone();
-            w.current.insert(target.to_string(), prev.clone());
-            return ok(&format!("releases/{prev}\n"));
-        }
-        if cmd == "restart-app" {
-            let live = if w.broken.iter().any(|b| b == target) {
-                "crashed".to_string()
-            } else {
-                w.current[target].clone()
-            };
-            w.running.insert(target.to_string(), live);
-            w.warming.insert(target.to_string(), 1);
-            return ok("");
-        }
-        if cmd.contains("tail -n +") {
-            return ok("");
-        }
-        panic!("unexpected command on {target}: {cmd}");
     };
     let w = world.clone();
     let http = move |target: &str, _addr: &str, _port: u16, _path: &str| {
@@ -178,6 +244,11 @@ impl Reporter for Recorder {
     fn event(&self, event: &Event) {
         self.0.lock().unwrap().push(event.clone());
     }
+}
+
+fn artifact_sha256() -> &'static str {
+    static SHA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SHA.get_or_init(|| artifact().sha256)
 }
 
 fn artifact() -> Artifact {
@@ -231,7 +302,75 @@ async fn rollout_full(
     options: Options,
     interrupt: executor::Interrupt,
 ) -> (Result<RolloutReport, Error>, Arc<Recorder>) {
-    let inventory = Inventory::parse(inventory).unwrap();
+    rollout_to(
+        Target {
+            inventory,
+            batch,
+            options,
+            interrupt,
+            ..Target::default()
+        },
+        fleet,
+    )
+    .await
+}
+
+/// Where a rollout goes: everything the tests vary.
+struct Target<'a> {
+    inventory: &'a str,
+    batch: BatchSize,
+    options: Options,
+    interrupt: executor::Interrupt,
+    release: &'a str,
+    /// Per-host releases, as `recover` gives them.
+    targets: Option<BTreeMap<String, String>>,
+    /// Hosts a previous run left partway, as `resume` and `recover` find them.
+    unfinished: BTreeSet<String>,
+}
+
+impl Default for Target<'_> {
+    fn default() -> Self {
+        Target {
+            inventory: INVENTORY,
+            batch: BatchSize::Hosts(1),
+            options: Options::default(),
+            interrupt: executor::never_interrupted(),
+            release: "v2",
+            targets: None,
+            unfinished: BTreeSet::new(),
+        }
+    }
+}
+
+/// The state a rollout starts from, as `roller rollout` records it.
+fn initial_state(inventory: &Inventory, release: &str) -> RolloutState {
+    RolloutState {
+        strategy: inventory.strategy,
+        id: "0123456789abcdef0123456789abcdef".into(),
+        app: inventory.app.name.clone(),
+        release: release.into(),
+        artifact: None,
+        artifact_sha256: None,
+        batch: "1".into(),
+        on_failure: "rollback-batch".into(),
+        max_failed_hosts: 0,
+        controller: "test@here".into(),
+        started: 0,
+        updated: 0,
+        status: Status::Running,
+        before: BTreeMap::new(),
+        hosts: BTreeMap::new(),
+        out_of_pool: Vec::new(),
+        balancers: inventory.balancer.hosts.clone(),
+        live_slot: None,
+    }
+}
+
+async fn rollout_to(
+    target: Target<'_>,
+    fleet: &MemoryFleet,
+) -> (Result<RolloutReport, Error>, Arc<Recorder>) {
+    let inventory = Inventory::parse(target.inventory).unwrap();
     let balancer = Nginx::new(&inventory.balancer, &inventory.app, &inventory.hosts);
     let recorder = Arc::new(Recorder::default());
     let sessions = match executor::connect(&inventory, Arc::new(fleet.clone())).await {
@@ -254,30 +393,58 @@ async fn rollout_full(
     let plan = Plan::build(PlanInput {
         inventory: &inventory,
         balancer: &balancer,
-        release: "v2".into(),
+        release: target.release.into(),
         artifact: Some(artifact()),
-        batch,
+        batch: target.batch,
         observed: Some(&observed.hosts),
-        unfinished: &BTreeSet::new(),
-        targets: None,
+        unfinished: &target.unfinished,
+        targets: target.targets.as_ref(),
         strategy: inventory.strategy,
         live_slot: None,
         pause: false,
         adopt: false,
     })
     .unwrap();
+    // The store a rollout uses, without a journal: what it saves lands on the fake lb-1.
+    let store = JournalAndLockHost {
+        session: sessions["lb-1"].clone(),
+        state_dir: inventory.balancer.state_dir.clone(),
+        journal: None,
+    };
     let exec = Executor::new(ExecutorInput {
         plan: &plan,
         balancer: &balancer,
         health: &HttpOverSsh,
         sessions: &sessions,
         reporter: recorder.clone(),
-        options,
-        interrupt,
-        state: None,
+        options: target.options,
+        interrupt: target.interrupt,
+        state: Some(KeptState {
+            store: &store,
+            initial: initial_state(&inventory, target.release),
+        }),
         observed: &observed,
     });
     (exec.run().await, recorder)
+}
+
+/// The rollout state last saved on the load balancer: what `resume` would read.
+fn last_saved(world: &Arc<Mutex<World>>) -> RolloutState {
+    world
+        .lock()
+        .unwrap()
+        .saved_states
+        .last()
+        .cloned()
+        .expect("the rollout state was saved")
+}
+
+/// Each host's progress in a saved state, in host order.
+fn progress(state: &RolloutState) -> Vec<Progress> {
+    ["web-1", "web-2", "web-3"]
+        .iter()
+        .map(|h| state.hosts[*h])
+        .collect()
 }
 
 fn releases(world: &Arc<Mutex<World>>) -> Vec<(String, String)> {
@@ -318,6 +485,26 @@ async fn a_good_release_reaches_every_host_one_batch_at_a_time() {
         }
     }
     assert!(!w.upstream.contains("down"));
+    drop(w);
+    // Saved at the start, with every pool change (where it leads), and at the end.
+    let saved = world.lock().unwrap().saved_states.clone();
+    let (p, d) = (Progress::Pending, Progress::Drained);
+    let done = Progress::Done;
+    assert_eq!(
+        saved.iter().map(progress).collect::<Vec<_>>(),
+        vec![
+            vec![p, p, p],
+            vec![d, p, p],
+            vec![done, d, p],
+            vec![done, done, d],
+            vec![done; 3],
+            vec![done; 3],
+        ]
+    );
+    assert!(saved[..5].iter().all(|s| s.status == Status::Running));
+    let last = last_saved(&world);
+    assert_eq!(last.status, Status::Succeeded);
+    assert!(last.out_of_pool.is_empty(), "{last:?}");
 }
 
 #[tokio::test]
@@ -419,6 +606,13 @@ async fn an_unhealthy_release_is_rolled_back_in_its_batch_and_goes_no_further() 
     assert_eq!(report.hosts[0].release.as_deref(), Some("v1"));
     assert_eq!(releases(&world), vec![("v1".into(), "v1".into()); 3]);
     assert!(!world.lock().unwrap().upstream.contains("down"));
+    let last = last_saved(&world);
+    assert_eq!(last.status, Status::RolledBack);
+    assert_eq!(
+        progress(&last),
+        [Progress::RolledBack, Progress::Pending, Progress::Pending]
+    );
+    assert!(last.out_of_pool.is_empty(), "{last:?}");
     // Later batches were never touched beyond pre-flight and staging.
     for host in ["web-2", "web-3"] {
         assert!(
@@ -464,6 +658,11 @@ async fn a_host_that_cannot_be_restored_stays_out_of_the_pool_and_is_reported() 
         report.recovery
     );
     assert!(report.recovery[0].contains("/etc/nginx/conf.d/shop.conf"));
+    // What resume and recover read agrees with the report.
+    let last = last_saved(&world);
+    assert_eq!(last.status, Status::Incomplete);
+    assert_eq!(last.hosts["web-1"], Progress::Failed);
+    assert_eq!(last.out_of_pool, ["web-1"]);
 }
 
 #[tokio::test]
@@ -594,6 +793,17 @@ async fn rollback_all_undoes_earlier_batches_too_draining_them_first() {
     assert_eq!(undo_out, 3, "{:#?}", w.upstream_history);
     assert_eq!(w.upstream_history.len(), 5, "{:#?}", w.upstream_history);
     assert!(!w.upstream.contains("down"));
+    drop(w);
+    let last = last_saved(&world);
+    assert_eq!(last.status, Status::RolledBack);
+    assert_eq!(
+        progress(&last),
+        [
+            Progress::RolledBack,
+            Progress::RolledBack,
+            Progress::Pending
+        ]
+    );
 }
 
 #[tokio::test]
@@ -632,6 +842,14 @@ async fn halt_leaves_the_failed_batch_out_of_the_pool_and_says_how_to_go_on() {
         report.recovery
     );
     assert!(report.recovery[0].contains("roller recover"));
+    // Resume finds the halted host out of the pool, restarted on the new release.
+    let last = last_saved(&world);
+    assert_eq!(last.status, Status::Halted);
+    assert_eq!(last.out_of_pool, ["web-1"]);
+    assert_eq!(
+        progress(&last),
+        [Progress::Restarted, Progress::Pending, Progress::Pending]
+    );
 }
 
 #[tokio::test]
@@ -670,6 +888,13 @@ async fn max_failed_hosts_rolls_a_failing_host_back_alone_and_carries_on() {
         "{}",
         report.headline()
     );
+    let last = last_saved(&world);
+    assert_eq!(last.status, Status::RolledBack);
+    assert_eq!(
+        progress(&last),
+        [Progress::Done, Progress::RolledBack, Progress::Done]
+    );
+    assert!(last.out_of_pool.is_empty(), "{last:?}");
 }
 
 #[tokio::test]
@@ -870,6 +1095,10 @@ async fn an_interrupt_during_the_health_check_rolls_the_batch_back() {
     assert_eq!(releases(&world), vec![("v1".into(), "v1".into()); 3]);
     assert!(!world.lock().unwrap().upstream.contains("down"));
     assert!(report.hosts.iter().all(|h| h.in_pool));
+    let last = last_saved(&world);
+    assert_eq!(last.status, Status::Interrupted);
+    assert_eq!(last.hosts["web-1"], Progress::RolledBack);
+    assert!(last.out_of_pool.is_empty(), "{last:?}");
 }
 
 #[tokio::test]
@@ -920,4 +1149,91 @@ async fn an_interrupt_once_the_batch_is_healthy_completes_it_instead() {
     let history = world.lock().unwrap().upstream_history.clone();
     assert_eq!(history.len(), 2, "{history:#?}");
     assert!(history.iter().all(|u| !u.contains("10.0.1.2:8080 down")));
+    let last = last_saved(&world);
+    assert_eq!(last.status, Status::Interrupted);
+    assert_eq!(
+        progress(&last),
+        [Progress::Done, Progress::Pending, Progress::Pending]
+    );
+    assert!(last.out_of_pool.is_empty(), "{last:?}");
+}
+
+/// The index of the first restart on `host`.
+fn restarted_at(fleet: &MemoryFleet, host: &str) -> usize {
+    fleet
+        .calls()
+        .iter()
+        .position(|c| matches!(c, Call::Exec { target, command, .. } if target == host && command == "restart-app"))
+        .unwrap_or_else(|| panic!("{host} was never restarted"))
+}
+
+#[tokio::test]
+async fn recover_takes_each_host_to_its_own_release_and_leaves_those_already_there() {
+    let world = world();
+    {
+        let mut w = world.lock().unwrap();
+        // A killed rollout left web-1 on v2; web-2 ran v0 before it and was switched too.
+        for (host, release, previous) in [("web-1", "v2", "v1"), ("web-2", "v2", "v0")] {
+            w.current.insert(host.into(), release.into());
+            w.current
+                .insert(format!("{host}.previous"), previous.into());
+            w.running.insert(host.into(), release.into());
+        }
+        w.healthy = vec!["v0".into(), "v1".into(), "v2".into()];
+    }
+    let fleet = fleet(world.clone());
+    let targets = BTreeMap::from([
+        ("web-1".to_string(), "v1".to_string()),
+        ("web-2".to_string(), "v0".to_string()),
+        ("web-3".to_string(), "v1".to_string()),
+    ]);
+    let (result, _) = rollout_to(
+        Target {
+            release: "v1",
+            targets: Some(targets),
+            unfinished: BTreeSet::from(["web-2".to_string()]),
+            ..Target::default()
+        },
+        &fleet,
+    )
+    .await;
+    let report = result.unwrap();
+    assert_eq!(report.outcome, Outcome::Succeeded);
+    assert_eq!(
+        releases(&world),
+        [("v1", "v1"), ("v0", "v0"), ("v1", "v1")].map(|(a, b)| (a.to_string(), b.to_string()))
+    );
+    let released: Vec<Option<&str>> = report.hosts.iter().map(|h| h.release.as_deref()).collect();
+    assert_eq!(released, [Some("v1"), Some("v0"), Some("v1")]);
+    // web-3 already ran its release; web-2, left partway, went before web-1.
+    assert!(fleet.commands("web-3").iter().all(|c| c != "restart-app"));
+    assert!(restarted_at(&fleet, "web-2") < restarted_at(&fleet, "web-1"));
+    let last = last_saved(&world);
+    assert_eq!(last.status, Status::Succeeded);
+    assert_eq!(progress(&last), [Progress::Done; 3]);
+}
+
+#[tokio::test]
+async fn resume_redeploys_a_host_left_partway_first_even_if_it_runs_the_release() {
+    let world = world();
+    {
+        let mut w = world.lock().unwrap();
+        w.current.insert("web-3".into(), "v2".into());
+        w.current.insert("web-3.previous".into(), "v1".into());
+        w.running.insert("web-3".into(), "v2".into());
+    }
+    let fleet = fleet(world.clone());
+    let (result, _) = rollout_to(
+        Target {
+            unfinished: BTreeSet::from(["web-3".to_string()]),
+            ..Target::default()
+        },
+        &fleet,
+    )
+    .await;
+    assert_eq!(result.unwrap().outcome, Outcome::Succeeded);
+    assert_eq!(releases(&world), vec![("v2".into(), "v2".into()); 3]);
+    assert!(restarted_at(&fleet, "web-3") < restarted_at(&fleet, "web-1"));
+    assert!(restarted_at(&fleet, "web-1") < restarted_at(&fleet, "web-2"));
+    assert_eq!(progress(&last_saved(&world)), [Progress::Done; 3]);
 }
