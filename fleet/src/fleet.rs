@@ -558,6 +558,7 @@ fn current_user() -> anyhow::Result<String> {
 #[cfg(test)]
 pub(crate) fn fake(spec: FleetSpec) -> Fleet {
     let (lb, hosts) = layout(&spec);
+    let bastion = crate::bastion::bastion_layout(&spec);
     Fleet {
         state: State {
             spec,
@@ -567,7 +568,7 @@ pub(crate) fn fake(spec: FleetSpec) -> Fleet {
             lb,
             nginx_pid: None,
             hosts,
-            bastion: None,
+            bastion,
         },
         sshds: Vec::new(),
         owned: false,

@@ -35,6 +35,7 @@ impl Fleet {
              identity = {identity}\n\
              known_hosts = {known_hosts}\n\
              connect_timeout = \"5s\"\n\
+             {proxy_jump}\
              \n\
              [app]\n\
              name = {name}\n\
@@ -61,6 +62,17 @@ impl Fleet {
              drain_timeout = \"10s\"\n",
             user = q(&s.user),
             ssh_port = s.spec.ssh_port,
+            // Hosts that admit only the bastion are reached through it, as in a private subnet.
+            proxy_jump = match (s.spec.bastion, s.bastion.as_ref()) {
+                (crate::Bastion::Only, Some(bastion)) => format!(
+                    "proxy_jump = {}\n",
+                    q(&format!(
+                        "{}@{}:{}",
+                        s.user, bastion.address, s.spec.ssh_port
+                    ))
+                ),
+                _ => String::new(),
+            },
             identity = p(&self.identity_path()),
             known_hosts = p(&self.known_hosts_path()),
             name = q(nginx::UPSTREAM),
@@ -237,5 +249,18 @@ address = \"127.77.0.12\"
             &[toml::Value::from("127.77.0.10")]
         );
         assert_eq!(fleet.host_dir("app"), fleet.host_dir("lb"));
+    }
+
+    #[test]
+    fn hosts_that_admit_only_the_bastion_are_reached_through_it() {
+        let only = fake(FleetSpec::new("/f", 2, [77, 0]).with_bastion(crate::Bastion::Only));
+        assert!(
+            only.inventory_text()
+                .contains("connect_timeout = \"5s\"\nproxy_jump = \"dev@127.77.0.9:2222\"\n"),
+            "{}",
+            only.inventory_text()
+        );
+        let open = fake(FleetSpec::new("/f", 2, [77, 0]).with_bastion(crate::Bastion::Open));
+        assert!(!open.inventory_text().contains("proxy_jump"));
     }
 }
