@@ -55,6 +55,13 @@ pub enum Error {
     /// nothing to resume.
     #[error("{0}")]
     Unfinished(String),
+    /// Host discovery found nothing, or a value that is not a host: bad input, nothing was
+    /// contacted over SSH.
+    #[error("host discovery: {0}")]
+    Discovery(String),
+    /// The discovery API could not be asked (no CLI, no credentials, no answer).
+    #[error("host discovery failed: {0}")]
+    DiscoveryFailed(String),
     /// Talking to the load balancer about the lock or the rollout state failed.
     #[error("{0}")]
     State(String),

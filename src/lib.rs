@@ -6,6 +6,7 @@
 
 pub mod balancer;
 pub mod canary;
+pub mod discovery;
 pub mod error;
 pub mod executor;
 pub mod health;

@@ -226,8 +226,10 @@ fn exit_code(error: &Error) -> u8 {
         Error::InventoryRead { .. }
         | Error::Inventory { .. }
         | Error::Usage { .. }
-        | Error::Artifact { .. } => exit::BAD_INPUT,
+        | Error::Artifact { .. }
+        | Error::Discovery(_) => exit::BAD_INPUT,
         Error::Preflight { .. }
+        | Error::DiscoveryFailed(_)
         | Error::Unfinished(_)
         | Error::State(_)
         | Error::SwitchBackRefused { .. } => exit::PREFLIGHT,
@@ -262,6 +264,8 @@ fn report_error(error: &Error, output: Output) {
             Error::Locked(_) => serde_json::json!({ "kind": "locked" }),
             Error::Unfinished(_) => serde_json::json!({ "kind": "unfinished" }),
             Error::State(_) => serde_json::json!({ "kind": "state" }),
+            Error::Discovery(_) => serde_json::json!({ "kind": "discovery" }),
+            Error::DiscoveryFailed(_) => serde_json::json!({ "kind": "discovery-failed" }),
             Error::SwitchBackRefused { slot, live, hosts } => serde_json::json!({
                 "kind": "switch-back-refused", "slot": slot, "live": live, "hosts": hosts
             }),

@@ -257,3 +257,72 @@ fn the_upstream_block_and_server_parameters_are_checked_key_by_key() {
     assert_eq!(inv.hosts[0].server.max_fails, Some(2));
     assert!(inv.hosts[0].server.backup);
 }
+
+/// `MINIMAL` with its `[[hosts]]` swapped for `discovery`.
+fn discovering(discovery: &str) -> String {
+    let head = MINIMAL.split("[[hosts]]").next().unwrap();
+    format!("{head}{discovery}")
+}
+
+#[test]
+fn hosts_can_come_from_ec2_and_are_found_only_when_a_command_needs_them() {
+    use roller::discovery::{AddressKind, Discovery};
+    let inv = Inventory::parse(&discovering(
+        r#"
+[discovery.ec2]
+region = "eu-west-1"
+filters = { "tag:Role" = "shop", "tag:Env" = ["prod", "staging"] }
+address = "public-dns"
+user = "ec2-user"
+"#,
+    ))
+    .unwrap();
+    assert!(inv.hosts.is_empty(), "parsing asks no API");
+    let Some(Discovery::Ec2(ec2)) = &inv.discovery else {
+        panic!("no discovery: {:?}", inv.discovery)
+    };
+    assert_eq!(ec2.region.as_deref(), Some("eu-west-1"));
+    assert_eq!(ec2.address, AddressKind::PublicDns);
+    assert_eq!(ec2.name_tag, "Name", "the default");
+    assert_eq!(ec2.filters["tag:Env"], ["prod", "staging"]);
+    assert_eq!(ec2.user.as_deref(), Some("ec2-user"));
+}
+
+#[test]
+fn ec2_discovery_is_checked_key_by_key() {
+    assert_eq!(
+        problems(&discovering(
+            r#"
+[discovery.ec2]
+region = "Europe West"
+filters = { "tag:Role" = 3, "tag:Env" = [] }
+address = "elastic-ip"
+zone = "a"
+"#
+        )),
+        [
+            "discovery.ec2.zone: unknown key (expected one of: region, filters, address, name_tag, user)",
+            "discovery.ec2.region: \"Europe West\" is not a region name like \"eu-west-1\"",
+            "discovery.ec2.address: \"elastic-ip\" is not one of \"private-ip\", \"public-ip\", \"private-dns\", \"public-dns\"",
+            "discovery.ec2.filters.\"tag:Env\": must be a non-empty string or a list of them, under a filter name",
+            "discovery.ec2.filters.\"tag:Role\": must be a non-empty string or a list of them, under a filter name",
+        ]
+    );
+    // No filter would match every instance of the account.
+    let p = problems(&discovering("[discovery.ec2]\nregion = \"eu-west-1\"\n"));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(p[0].starts_with("discovery.ec2.filters: missing"), "{p:?}");
+    assert_eq!(
+        problems(&discovering("[discovery]\n")),
+        ["discovery: names no source: add [discovery.ec2]"]
+    );
+}
+
+#[test]
+fn listed_hosts_and_discovery_exclude_each_other() {
+    let text = format!("{MINIMAL}\n[discovery.ec2]\nfilters = {{ \"tag:Role\" = \"shop\" }}\n");
+    assert_eq!(
+        problems(&text),
+        ["hosts: [[hosts]] and [discovery] exclude each other: list the hosts, or find them"]
+    );
+}

@@ -10,8 +10,10 @@ use std::time::Duration;
 use serde::Serialize;
 use toml::Table;
 
+use crate::discovery::Discovery;
 use crate::error::{Error, Problem, Result};
 
+mod discovery;
 mod reader;
 mod sections;
 mod ssh;
@@ -29,6 +31,9 @@ pub struct Inventory {
     pub balancer: BalancerConfig,
     pub blue_green: Option<BlueGreenConfig>,
     pub canary: Option<CanaryConfig>,
+    /// `[discovery.ec2]`: `hosts` stays empty until a command asks the source.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<Discovery>,
     pub hosts: Vec<Host>,
 }
 
@@ -324,6 +329,7 @@ impl Inventory {
                 "balancer",
                 "blue_green",
                 "canary",
+                "discovery",
                 "hosts",
             ],
         );
@@ -489,7 +495,19 @@ impl Inventory {
             );
         }
 
-        let hosts = r.hosts(&root);
+        let discovery = r.discovery(&root);
+        let hosts = match &discovery {
+            Some(_) if root.contains_key("hosts") => {
+                r.problem(
+                    "hosts",
+                    "[[hosts]] and [discovery] exclude each other: list the hosts, or find them",
+                );
+                Vec::new()
+            }
+            Some(_) => Vec::new(),
+            None if root.contains_key("discovery") => Vec::new(),
+            None => r.hosts(&root),
+        };
         if !balancer.upstream_block.allows_backup() {
             for (i, host) in hosts.iter().enumerate() {
                 if host.server.backup {
@@ -514,6 +532,7 @@ impl Inventory {
             balancer,
             blue_green,
             canary,
+            discovery,
             hosts,
         })
     }
@@ -549,7 +568,7 @@ pub fn is_word(s: &str) -> bool {
 }
 
 /// A host name or IP literal: what nginx's `server` directive and `ss` filters accept.
-pub(super) fn is_address(s: &str) -> bool {
+pub fn is_address(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
         && s.chars()
