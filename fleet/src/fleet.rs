@@ -130,7 +130,12 @@ impl Fleet {
 
         let java = proc::find_jdk_tool("java")?;
         let nginx_bin = proc::find_program("nginx")?;
-        let user = current_user()?;
+        // nginx runs as the current user; a lean LB login is the same uid under another name.
+        let user = if spec.lean_lb && users::is_root() && spec.mode != Mode::BlueGreenSingle {
+            users::ensure(users::Login::RootLean)?.user
+        } else {
+            current_user()?
+        };
         let (lb, mut hosts) = layout(&spec);
         let bastion = bastion_layout(&spec);
         // The LB (and a single-machine app host, which is the LB) keeps the current user, who

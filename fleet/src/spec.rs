@@ -75,6 +75,10 @@ pub struct FleetSpec {
     /// in turn. Either way only when the fleet runs as root.
     #[serde(default)]
     pub app_logins: Vec<Login>,
+    /// The load balancer (and so the SSH user of the inventory's `[ssh]`) logs in as
+    /// [`Login::RootLean`] instead of the current user, when the fleet runs as root.
+    #[serde(default)]
+    pub lean_lb: bool,
 }
 
 /// A bastion host in front of the fleet, as in a cloud VPC where the hosts have private
@@ -111,6 +115,7 @@ impl FleetSpec {
             bastion: Bastion::None,
             refuse_forwarding: false,
             app_logins: Vec::new(),
+            lean_lb: false,
         }
     }
 
@@ -203,6 +208,14 @@ impl FleetSpec {
     /// Has every app host log in as `login`, e.g. a deploy user with sudo.
     pub fn with_app_login(mut self, login: Login) -> Self {
         self.app_logins = vec![login];
+        self
+    }
+
+    /// Every host, the load balancer included, logs in with no rc files of its own: what the
+    /// benchmark needs, so that it measures roller rather than the hosts' shell start-up.
+    pub fn with_lean_logins_everywhere(mut self) -> Self {
+        self.app_logins = vec![Login::Lean];
+        self.lean_lb = true;
         self
     }
 

@@ -35,6 +35,10 @@ pub enum Login {
     /// bash in a home of its own with nothing in it: no shell initialisation beyond the
     /// system's, so what a command costs on the host is the command (and sshd), not an rc file.
     Lean,
+    /// Root (uid 0) under a name of its own, with a home like [`Login::Lean`]'s: the load
+    /// balancer's login when its nginx runs as root but the machine's own root account has rc
+    /// files that would be measured with every command.
+    RootLean,
 }
 
 /// The password of [`Login::SudoPassword`], for a test that feeds it to `sudo -S`.
@@ -54,14 +58,18 @@ impl Login {
             Login::Sudo => "roller-sudo",
             Login::SudoPassword => "roller-sudo-pw",
             Login::Lean => "roller-lean",
+            Login::RootLean => "roller-root",
         }
     }
 
     fn shell(self) -> &'static str {
         match self {
-            Login::BashHeavy | Login::Bash | Login::Sudo | Login::SudoPassword | Login::Lean => {
-                "bash"
-            }
+            Login::BashHeavy
+            | Login::Bash
+            | Login::Sudo
+            | Login::SudoPassword
+            | Login::Lean
+            | Login::RootLean => "bash",
             Login::Zsh => "zsh",
             Login::Dash => "dash",
         }
@@ -81,7 +89,12 @@ impl Login {
                 ".zshenv",
                 "# zsh reads this for every command, interactive or not.\nexport LANG=C.UTF-8\n",
             )],
-            Login::Dash | Login::Bash | Login::Sudo | Login::SudoPassword | Login::Lean => &[],
+            Login::Dash
+            | Login::Bash
+            | Login::Sudo
+            | Login::SudoPassword
+            | Login::Lean
+            | Login::RootLean => &[],
         }
     }
 }
@@ -115,15 +128,20 @@ pub fn ensure(login: Login) -> anyhow::Result<Account> {
         None => {
             // '*' rather than useradd's locked '!': without PAM, sshd refuses locked accounts
             // even for key logins.
-            let created = proc::run(
-                Command::new("useradd")
-                    .args(["--create-home", "--home-dir"])
-                    .arg(&home)
-                    .arg("--shell")
-                    .arg(&shell)
-                    .args(["--password", "*", "--user-group", user]),
-                Duration::from_secs(60),
-            )?;
+            let mut useradd = Command::new("useradd");
+            useradd
+                .args(["--create-home", "--home-dir"])
+                .arg(&home)
+                .arg("--shell")
+                .arg(&shell)
+                .args(["--password", "*"]);
+            if login == Login::RootLean {
+                // A second name for uid 0, as some systems keep a `toor`.
+                useradd.args(["--non-unique", "--uid", "0", "--gid", "0", user]);
+            } else {
+                useradd.args(["--user-group", user]);
+            }
+            let created = proc::run(&mut useradd, Duration::from_secs(60))?;
             if !created.status.success() && entry(user)?.is_none() {
                 bail!("useradd {user} failed: {}", created.stderr.trim());
             }
@@ -150,7 +168,7 @@ pub fn ensure(login: Login) -> anyhow::Result<Account> {
             std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         }
     }
-    if login == Login::Lean {
+    if matches!(login, Login::Lean | Login::RootLean) {
         // useradd copies /etc/skel, whose .bashrc bash reads for commands over SSH too.
         for entry in std::fs::read_dir(&home)? {
             let path = entry?.path();

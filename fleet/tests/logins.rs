@@ -124,3 +124,27 @@ fn lean_logins_have_an_empty_home_but_one_host_keeps_its_heavy_bashrc() {
     let heavy = listing("web-1");
     assert!(heavy.lines().any(|l| l == ".bashrc"), "{heavy}");
 }
+
+#[test]
+fn with_lean_logins_everywhere_the_load_balancer_is_root_without_rc_files() {
+    if !is_root() {
+        eprintln!("skipped: the fleet creates its users only when run as root");
+        return;
+    }
+    let fleet = Fleet::up(FleetSpec::for_test("lean_lb", 1).with_lean_logins_everywhere())
+        .expect("fleet up");
+    assert_eq!(fleet.host_user("lb"), "roller-root");
+    assert_eq!(fleet.host_user("web-1"), "roller-lean");
+    let inventory = std::fs::read_to_string(fleet.inventory_path()).unwrap();
+    assert!(
+        inventory.contains("user = \"roller-root\""),
+        "the inventory's ssh.user logs in on the LB: {inventory}"
+    );
+    // Still root, so it can rewrite nginx's files and signal its master; but its own home.
+    let out = run_on(&fleet, "lb", "id -u && cd && pwd && ls -A");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "0\n/var/lib/roller-fleet/home/roller-root"
+    );
+}

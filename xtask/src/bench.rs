@@ -9,22 +9,19 @@ use roller_fleet::{Fleet, FleetSpec, JarSpec, proc};
 
 use crate::{BENCH_NET, CI_STEP_TIMEOUT, cargo, workspace_root};
 
-pub(crate) fn bench(hosts: usize, root: Option<PathBuf>) -> anyhow::Result<bool> {
+pub(crate) fn bench(
+    hosts: usize,
+    root: Option<PathBuf>,
+    roller: Option<PathBuf>,
+) -> anyhow::Result<bool> {
     let root = root.unwrap_or_else(|| roller_fleet::target_dir().join("fleet-bench"));
-    println!("building roller (release)...");
-    let built = proc::wait_child(
-        &mut Command::new(cargo())
-            .args(["build", "--quiet", "--release", "--bin", "roller"])
-            .current_dir(workspace_root())
-            .spawn()
-            .context("running cargo build")?,
-        CI_STEP_TIMEOUT,
-    )?;
-    if !built.success() {
-        bail!("cargo build --release --bin roller failed ({built})");
-    }
-    let roller = workspace_root().join("target/release/roller");
-    let mut fleet = Fleet::up(FleetSpec::new(&root, hosts, BENCH_NET))?;
+    let roller = match roller {
+        Some(path) => path,
+        None => build_roller()?,
+    };
+    // Lean logins everywhere, the LB's included: the hosts' shell start-up is not roller's time.
+    let mut fleet =
+        Fleet::up(FleetSpec::new(&root, hosts, BENCH_NET).with_lean_logins_everywhere())?;
     let v2 = fleet.jar(&JarSpec::healthy("v2"))?;
     let out = Command::new(&roller)
         .arg("rollout")
@@ -151,4 +148,20 @@ fn upload_speed() -> String {
         ),
         Err(e) => format!("upload speed: could not run {TEST}: {e:#}"),
     }
+}
+
+fn build_roller() -> anyhow::Result<PathBuf> {
+    println!("building roller (release)...");
+    let built = proc::wait_child(
+        &mut Command::new(cargo())
+            .args(["build", "--quiet", "--release", "--bin", "roller"])
+            .current_dir(workspace_root())
+            .spawn()
+            .context("running cargo build")?,
+        CI_STEP_TIMEOUT,
+    )?;
+    if !built.success() {
+        bail!("cargo build --release --bin roller failed ({built})");
+    }
+    Ok(workspace_root().join("target/release/roller"))
 }

@@ -66,6 +66,10 @@ enum Task {
         /// Defaults to target/fleet-bench.
         #[arg(long)]
         root: Option<PathBuf>,
+        /// Measure this roller binary instead of building this checkout's, e.g. an earlier
+        /// commit's, to compare two versions on the same fleet.
+        #[arg(long)]
+        roller: Option<PathBuf>,
     },
 }
 
@@ -118,7 +122,11 @@ fn main() -> ExitCode {
             clients,
         } => demo(hosts, keep, root, clients),
         Task::Ci => ci(),
-        Task::Bench { hosts, root } => bench::bench(hosts, root),
+        Task::Bench {
+            hosts,
+            root,
+            roller,
+        } => bench::bench(hosts, root, roller),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
