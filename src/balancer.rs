@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::inventory::{AppConfig, BalancerConfig, Host};
-use crate::remote::quote;
+use crate::remote;
 
 /// Which hosts receive traffic, on which port, and how much of it. Hosts not in `down` are in
 /// the pool.
@@ -34,14 +34,6 @@ impl Pool {
 /// changed) from a reload that never took effect.
 pub const APPLY_REJECTED: u32 = 3;
 pub const APPLY_UNCONFIRMED: u32 = 4;
-
-/// How long a pool change waits for nginx's old workers to stop accepting, by the host's clock
-/// (whole seconds, so 4 to 5), looking at its workers every `CONFIRM_POLL` seconds. nginx
-/// swaps generations in about a tenth of a second; five seconds is for a load balancer that is
-/// busy, and stays well below the lock's mutex wait, since on the lock host a pool change
-/// holds that mutex while it runs.
-const CONFIRM_WAIT_SECS: u32 = 5;
-const CONFIRM_POLL: f64 = 0.02;
 
 pub trait Balancer: Send + Sync {
     /// The configuration that puts exactly the hosts outside `pool.down` in rotation.
@@ -77,19 +69,6 @@ impl Nginx {
             hosts: hosts.to_vec(),
             app_port: app.port,
         }
-    }
-
-    /// Shell text that sets `m` to the master's PID from `pid_file`, or prints why it cannot
-    /// and runs the caller's text up to its closing `}`: any process can own a stale PID, so
-    /// the process title must be nginx's master's.
-    fn master_check(&self) -> String {
-        format!(
-            "m=$(cat {pid} 2>/dev/null); \
-             case \"$(tr '\\0' ' ' < \"/proc/${{m:-0}}/cmdline\" 2>/dev/null)\" in \"nginx: master process\"*) ;; \
-             *) printf 'no nginx master runs with the PID in %s (%s); check balancer.pid_file\\n' {pid} \"${{m:-no PID}}\" >&2; \
-             false ;; esac || {{ ",
-            pid = quote(&self.config.pid_file),
-        )
     }
 
     fn socket(&self, host: &Host) -> String {
@@ -174,63 +153,11 @@ impl Balancer for Nginx {
     }
 
     fn apply_command(&self) -> String {
-        // A reload is applied only once nothing routes with the old pool: nginx starts a whole
-        // new generation of workers, and only then tells the old ones to quit; until each old
-        // worker has read that, it keeps accepting connections and sending them to the old
-        // pool. An old worker calls itself "worker process is shutting down" from the moment it
-        // closes its listening sockets, so the pool change holds once every worker from before
-        // the reload has exited or says so, and as many new workers as there were old ones
-        // accept. Cache manager and loader children are not workers and are left out.
-        // A reload that never reached nginx restores the old file, so nothing is half-changed.
-        // The file is replaced where it really lives (a symlink stays a symlink), by a rename
-        // from a temporary file of this command's own (`mktemp`, so two writers never share
-        // one) in the same directory, made with `cp -p` so it keeps the mode and, where
-        // allowed, the owner; the old file stays reachable through a hard link until the
-        // reload is confirmed. Few processes: this runs at every pool change.
-        format!(
-            "f={file}; if [ -L \"$f\" ]; then r=$(readlink -f -- \"$f\") && [ -n \"$r\" ] && f=$r; fi; \
-             n=$(mktemp \"$f.roller-new.XXXXXX\") || exit 1; p=\"$n.prev\"; trap 'rm -f \"$n\" \"$p\"' EXIT; \
-             if [ -e \"$f\" ]; then cp -p \"$f\" \"$n\" && ln -f \"$f\" \"$p\" || exit 1; else chmod 644 \"$n\"; fi; \
-             cat > \"$n\" || exit 1; \
-             mv -f \"$n\" \"$f\" || exit 1; \
-             restore() {{ if [ -e \"$p\" ]; then mv -f \"$p\" \"$f\"; else rm -f \"$f\"; fi; }}; \
-             {master}\
-             restore; exit {rejected}; }}; \
-             accepting() {{ ps -o pid=,args= --ppid \"$m\" | sed -n 's/^ *\\([0-9][0-9]*\\) nginx: worker process$/\\1/p'; }}; \
-             old=\" $(echo $(accepting)) \"; want=$(echo $old | wc -w); [ \"$want\" -gt 0 ] || want=1; \
-             if ! {{ {reload}; }}; then restore; \
-             echo 'reload failed; the previous upstream file was restored' >&2; exit {rejected}; fi; \
-             end=$(( $(date +%s) + {wait} )); \
-             while :; do stale=; fresh=0; \
-             for c in $(accepting); do case \"$old\" in *\" $c \"*) stale=\"$stale $c\" ;; *) fresh=$((fresh+1)) ;; esac; done; \
-             [ -z \"$stale\" ] && [ $fresh -ge $want ] && exit 0; \
-             [ \"$(date +%s)\" -ge \"$end\" ] && break; sleep {poll}; done; \
-             if [ $fresh -eq 0 ] && [ \"$(echo $stale)\" = \"$(echo $old)\" ]; then restore; \
-             echo \"nginx did not reload within {wait}s: its workers ($(echo $old)) still run the previous configuration; check that balancer.reload signals the master in \"{pid}\"; the previous upstream file was restored\" >&2; exit {rejected}; fi; \
-             if [ -n \"$stale\" ]; then \
-             echo \"nginx workers from before the reload ($(echo $stale)) still accept connections with the previous pool {wait}s after it; set worker_shutdown_timeout in nginx.conf so that old workers cannot outlive a reload\" >&2; \
-             else echo \"only $fresh of $want new nginx workers were running {wait}s after the reload\" >&2; fi; \
-             exit {unconfirmed}",
-            file = quote(&self.config.upstream_file),
-            master = self.master_check(),
-            pid = quote(&self.config.pid_file),
-            reload = self.config.reload,
-            rejected = APPLY_REJECTED,
-            unconfirmed = APPLY_UNCONFIRMED,
-            poll = CONFIRM_POLL,
-            wait = CONFIRM_WAIT_SECS,
-        )
+        remote::nginx::apply(&self.config)
     }
 
     fn test_command(&self) -> String {
-        format!(
-            "{test} || exit 1; {master}exit 1; }}; \
-             f={file}; if [ -L \"$f\" ]; then r=$(readlink -f -- \"$f\") && [ -n \"$r\" ] && f=$r; fi; d=$(dirname \"$f\"); test -w \"$d\" || {{ echo \"$d is not writable\" >&2; exit 1; }}; \
-             cat \"$f\" 2>/dev/null; exit 0",
-            test = self.config.test,
-            master = self.master_check(),
-            file = quote(&self.config.upstream_file),
-        )
+        remote::nginx::test(&self.config)
     }
 
     fn parse_down(&self, output: &str) -> BTreeSet<String> {
@@ -262,21 +189,8 @@ impl Balancer for Nginx {
     }
 
     fn in_flight_command(&self, hosts: &[&Host]) -> String {
-        let filter = hosts
-            .iter()
-            .map(|h| format!("dst {}", self.socket(h)))
-            .collect::<Vec<_>>()
-            .join(" or ");
-        // A worker from before a reload calls itself "shutting down" until its last request
-        // ends; the master's PID is checked like at every pool change, and where it cannot be
-        // read the second line is left out, so the caller falls back to a quiet window.
-        format!(
-            "ss -Htn state established {} | wc -l; m=$(cat {pid} 2>/dev/null); \
-             case \"$(tr '\\0' ' ' < \"/proc/${{m:-0}}/cmdline\" 2>/dev/null)\" in \"nginx: master process\"*) \
-             ps -o args= --ppid \"$m\" | grep -c 'worker process is shutting down' || true ;; esac",
-            quote(&format!("( {filter} )")),
-            pid = quote(&self.config.pid_file),
-        )
+        let sockets: Vec<String> = hosts.iter().map(|h| self.socket(h)).collect();
+        remote::nginx::in_flight(&self.config, &sockets)
     }
 }
 

@@ -1,18 +1,9 @@
-//! The shell commands roller runs on app hosts, built as plain strings.
-//!
-//! Building commands as data keeps `roller plan` honest (it prints these very strings) and lets
-//! tests check them as text. Every value that comes from the inventory or the command line is
-//! shell-quoted; only `app.restart`, which is a shell command by definition, is passed as is.
+//! The shell commands roller runs on app hosts: staging, switching links, restarting slots,
+//! pruning, and reading the canary's access log. Every value is quoted through [`q`]; only the
+//! operator's own commands (`app.restart`, a slot's stop) go in as written.
 
+use super::{Configured, Sh, q, sh};
 use crate::inventory::AppConfig;
-
-/// Quotes one argument for POSIX `sh`. Inputs are validated single-line strings, so the only
-/// failure (a NUL byte) cannot happen; we still refuse rather than emit something unquoted.
-pub fn quote(arg: &str) -> String {
-    shlex::try_quote(arg)
-        .map(|q| q.into_owned())
-        .unwrap_or_else(|_| "''".to_string())
-}
 
 /// Where a release lives on a host, relative to `app.dir`.
 pub fn release_dir(release: &str) -> String {
@@ -21,75 +12,121 @@ pub fn release_dir(release: &str) -> String {
 
 /// Makes sure `app.dir` is usable and reports what pre-flight needs as `key=value` lines.
 pub fn preflight(app: &AppConfig) -> String {
-    format!(
-        "d={dir}; mkdir -p \"$d/releases\" && test -w \"$d/releases\" || {{ echo \"$d/releases is not writable\" >&2; exit 1; }}; \
-         printf 'free_kb=%s\\n' \"$(df -Pk \"$d/releases\" | awk 'NR==2 {{print $4}}')\"; \
+    sh![
+        "d=",
+        q(&app.dir),
+        "; mkdir -p \"$d/releases\" && test -w \"$d/releases\" || { echo \"$d/releases is not writable\" >&2; exit 1; }; \
+         printf 'free_kb=%s\\n' \"$(df -Pk \"$d/releases\" | awk 'NR==2 {print $4}')\"; \
          printf 'current=%s\\n' \"$(readlink \"$d/current\" 2>/dev/null)\"; \
          printf 'blue=%s\\ngreen=%s\\n' \"$(readlink \"$d/current-blue\" 2>/dev/null)\" \"$(readlink \"$d/current-green\" 2>/dev/null)\"",
-        dir = quote(&app.dir)
-    )
+    ]
+    .into_string()
+}
+
+/// The jar of `release` on the host, from `app.dir`.
+fn jar_path(app: &AppConfig, release: &str) -> String {
+    format!("{}/{}/{}", app.dir, release_dir(release), app.jar_name)
 }
 
 /// Prints `present` when the release's jar is already on the host with the right checksum.
 pub fn artifact_present(app: &AppConfig, release: &str, sha256: &str) -> String {
-    format!(
-        "f={file}; if [ -f \"$f\" ] && [ \"$(sha256sum < \"$f\" | cut -d' ' -f1)\" = {sha} ]; then echo present; else echo absent; fi",
-        file = quote(&format!(
-            "{}/{}/{}",
-            app.dir,
-            release_dir(release),
-            app.jar_name
-        )),
-        sha = quote(sha256),
-    )
+    sh![
+        "f=",
+        q(&jar_path(app, release)),
+        "; if [ -f \"$f\" ] && [ \"$(sha256sum < \"$f\" | cut -d' ' -f1)\" = ",
+        q(sha256),
+        " ]; then echo present; else echo absent; fi",
+    ]
+    .into_string()
 }
 
 /// Receives the jar on stdin into a partial file, verifies its SHA-256 on the host, and only
 /// then gives it its final name, so a jar under its real name is always complete.
 pub fn upload(app: &AppConfig, release: &str, sha256: &str) -> String {
-    format!(
-        "r={rdir}; mkdir -p \"$r\" || exit 1; cat > \"$r\"/{part} || exit 1; \
-         s=$(sha256sum < \"$r\"/{part} | cut -d' ' -f1); \
-         if [ \"$s\" != {sha} ]; then rm -f \"$r\"/{part}; printf 'checksum mismatch: expected %s, got %s\\n' {sha} \"$s\" >&2; exit 1; fi; \
-         mv -f \"$r\"/{part} \"$r\"/{jar}",
-        rdir = quote(&format!("{}/{}", app.dir, release_dir(release))),
-        part = quote(&format!(".{}.part", app.jar_name)),
-        jar = quote(&app.jar_name),
-        sha = quote(sha256),
-    )
+    let part = q(&format!(".{}.part", app.jar_name));
+    let sha = q(sha256);
+    sh![
+        "r=",
+        q(&format!("{}/{}", app.dir, release_dir(release))),
+        "; mkdir -p \"$r\" || exit 1; cat > \"$r\"/",
+        &part,
+        " || exit 1; \
+         s=$(sha256sum < \"$r\"/",
+        &part,
+        " | cut -d' ' -f1); \
+         if [ \"$s\" != ",
+        &sha,
+        " ]; then rm -f \"$r\"/",
+        &part,
+        "; printf 'checksum mismatch: expected %s, got %s\\n' ",
+        &sha,
+        " \"$s\" >&2; exit 1; fi; \
+         mv -f \"$r\"/",
+        &part,
+        " \"$r\"/",
+        q(&app.jar_name),
+    ]
+    .into_string()
+}
+
+/// `cd` into `app.dir` and check that the release's jar is there, saying which file is
+/// missing: the path is printed as data (`printf '%s'`), never read as shell text.
+fn enter_with_jar(app: &AppConfig, release: &str) -> Sh {
+    let target = release_dir(release);
+    sh![
+        "cd ",
+        q(&app.dir),
+        " || exit 1; test -f ",
+        q(&format!("{target}/{}", app.jar_name)),
+        " || { printf '%s is missing\\n' ",
+        q(&jar_path(app, release)),
+        " >&2; exit 1; }; ",
+    ]
 }
 
 /// Points a blue-green slot's link (`current-blue`, `current-green`) at the release, atomically.
 /// A slot has no `.roller/previous`: going back means sending traffic to the other slot.
 pub fn switch_link(app: &AppConfig, link: &str, release: &str) -> String {
-    let target = release_dir(release);
-    format!(
-        "cd {dir} || exit 1; test -f {jar} || {{ printf '%s is missing\\n' {jar_full} >&2; exit 1; }}; \
-         mkdir -p .roller || exit 1; ln -sfn {target} .roller/{link}.new && mv -T .roller/{link}.new {link}",
-        dir = quote(&app.dir),
-        jar = quote(&format!("{target}/{}", app.jar_name)),
-        jar_full = quote(&format!("{}/{target}/{}", app.dir, app.jar_name)),
-        target = quote(&target),
-        link = quote(link),
-    )
+    let link = q(link);
+    sh![
+        enter_with_jar(app, release),
+        "mkdir -p .roller || exit 1; ln -sfn ",
+        q(&release_dir(release)),
+        " .roller/",
+        &link,
+        ".new && mv -T .roller/",
+        &link,
+        ".new ",
+        &link,
+    ]
+    .into_string()
 }
 
 /// Records which blue-green slot gets traffic on the host itself, where a pending
 /// [`keep_old`] timer reads it. The marker line also carries a token unique to this call, left
 /// in `$m`, so that a timer only ever acts for the switch that scheduled it.
 pub fn mark_live(app: &AppConfig, slot: &str) -> String {
-    format!(
-        "mkdir -p {dir}/.roller || exit 1; m=\"{slot} $(date +%s%N)-$$\"; \
-         printf '%s\\n' \"$m\" > {dir}/.roller/live-slot.new && mv -f {dir}/.roller/live-slot.new {dir}/.roller/live-slot || exit 1",
-        dir = quote(&app.dir),
-        slot = slot_word(slot),
-    )
+    marking_live(app, slot).into_string()
 }
 
-/// Slot names are the fixed words `blue` and `green`; anything else would be a bug, and is
-/// quoted like any other value rather than trusted.
-fn slot_word(slot: &str) -> String {
-    quote(slot)
+fn marking_live(app: &AppConfig, slot: &str) -> Sh {
+    let dir = q(&app.dir);
+    sh![
+        "mkdir -p ",
+        &dir,
+        "/.roller || exit 1; m=\"",
+        // Slot names are the fixed words `blue` and `green`; anything else would be a bug,
+        // and is quoted like any other value rather than trusted.
+        q(slot),
+        " $(date +%s%N)-$$\"; \
+         printf '%s\\n' \"$m\" > ",
+        &dir,
+        "/.roller/live-slot.new && mv -f ",
+        &dir,
+        "/.roller/live-slot.new ",
+        &dir,
+        "/.roller/live-slot || exit 1",
+    ]
 }
 
 /// Marks `live` as the live slot, then stops the old slot once `keep` has passed, unless
@@ -101,104 +138,130 @@ fn slot_word(slot: &str) -> String {
 /// other than root; otherwise, or if systemd refuses, `setsid -f` starts it in a session of its
 /// own with every descriptor redirected, so neither the channel nor a hang-up reaches it.
 pub fn keep_old(app: &AppConfig, live: &str, stop_old: &str, keep: std::time::Duration) -> String {
-    let marker = format!("{}/.roller/live-slot", app.dir);
-    let check = format!(
-        "if [ \"$(cat {marker} 2>/dev/null)\" = \"$1\" ]; then {stop_old}; fi",
-        marker = quote(&marker),
-    );
+    let check = sh![
+        "if [ \"$(cat ",
+        q(&format!("{}/.roller/live-slot", app.dir)),
+        " 2>/dev/null)\" = \"$1\" ]; then ",
+        Configured(stop_old),
+        "; fi",
+    ]
+    .into_string();
     let secs = keep.as_secs().max(1);
     let sleeping = format!("sleep {secs}; {check}");
-    format!(
-        "{mark}; \
+    sh![
+        marking_live(app, live),
+        "; \
          if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1; then \
          if [ \"$(id -u)\" = 0 ]; then set --; else set -- --user; fi; \
-         systemd-run \"$@\" --quiet --collect --unit=\"roller-keep-old-$(date +%s%N)-$$\" --on-active={secs}s --working-directory=\"$PWD\" \
-         sh -c {check} keep-old \"$m\" </dev/null >/dev/null 2>&1 && exit 0; \
+         systemd-run \"$@\" --quiet --collect --unit=\"roller-keep-old-$(date +%s%N)-$$\" --on-active=",
+        secs,
+        "s --working-directory=\"$PWD\" \
+         sh -c ",
+        q(&check),
+        " keep-old \"$m\" </dev/null >/dev/null 2>&1 && exit 0; \
          fi; \
-         setsid -f sh -c {sleeping} keep-old \"$m\" </dev/null >/dev/null 2>&1",
-        mark = mark_live(app, live),
-        check = quote(&check),
-        sleeping = quote(&sleeping),
-    )
+         setsid -f sh -c ",
+        q(&sleeping),
+        " keep-old \"$m\" </dev/null >/dev/null 2>&1",
+    ]
+    .into_string()
 }
 
 /// Points `current` at the release with an atomic rename, remembering the release it replaces
 /// in `.roller/previous` so that a rollback, even from another controller, knows where to go.
 pub fn switch(app: &AppConfig, release: &str) -> String {
-    let target = release_dir(release);
-    format!(
-        "cd {dir} || exit 1; test -f {jar} || {{ printf '%s is missing\\n' {jar_full} >&2; exit 1; }}; \
-         cur=$(readlink current 2>/dev/null); mkdir -p .roller || exit 1; \
-         if [ -n \"$cur\" ] && [ \"$cur\" != {target} ]; then printf '%s\\n' \"$cur\" > .roller/previous || exit 1; fi; \
-         ln -sfn {target} .roller/current.new && mv -T .roller/current.new current",
-        dir = quote(&app.dir),
-        jar = quote(&format!("{target}/{}", app.jar_name)),
-        jar_full = quote(&format!("{}/{target}/{}", app.dir, app.jar_name)),
-        target = quote(&target),
-    )
+    let target = q(&release_dir(release));
+    sh![
+        enter_with_jar(app, release),
+        "cur=$(readlink current 2>/dev/null); mkdir -p .roller || exit 1; \
+         if [ -n \"$cur\" ] && [ \"$cur\" != ",
+        &target,
+        " ]; then printf '%s\\n' \"$cur\" > .roller/previous || exit 1; fi; \
+         ln -sfn ",
+        &target,
+        " .roller/current.new && mv -T .roller/current.new current",
+    ]
+    .into_string()
 }
 
 /// Points `current` back at the release recorded by the last [`switch`].
 pub fn switch_back(app: &AppConfig) -> String {
-    format!(
-        "cd {dir} || exit 1; prev=$(cat .roller/previous 2>/dev/null); \
+    sh![
+        "cd ",
+        q(&app.dir),
+        " || exit 1; prev=$(cat .roller/previous 2>/dev/null); \
          if [ -z \"$prev\" ] || [ ! -d \"$prev\" ]; then echo \"no previous release recorded in .roller/previous\" >&2; exit 1; fi; \
          ln -sfn \"$prev\" .roller/current.new && mv -T .roller/current.new current && echo \"$prev\"",
-        dir = quote(&app.dir),
-    )
+    ]
+    .into_string()
 }
 
 /// Removes the oldest releases beyond `keep_releases`, never the live or the previous one.
 pub fn prune(app: &AppConfig) -> String {
-    format!(
-        "cd {dir}/releases || exit 1; live=$(basename \"$(readlink ../current)\"); \
+    sh![
+        "cd ",
+        q(&app.dir),
+        "/releases || exit 1; live=$(basename \"$(readlink ../current)\"); \
          prev=$(basename \"$(cat ../.roller/previous 2>/dev/null)\"); \
-         ls -1t | tail -n +{first} | while IFS= read -r r; do \
+         ls -1t | tail -n +",
+        app.keep_releases + 1,
+        " | while IFS= read -r r; do \
          if [ \"$r\" != \"$live\" ] && [ \"$r\" != \"$prev\" ]; then rm -rf -- \"$r\" && echo \"$r\"; fi; done",
-        dir = quote(&app.dir),
-        first = app.keep_releases + 1,
-    )
+    ]
+    .into_string()
 }
 
 /// Blue-green: removes the oldest releases beyond `keep_releases`, never counting or removing
 /// one that a slot's link (`current-blue`, `current-green`) or `current` points at: both slots'
 /// releases are kept on top of `keep_releases`.
 pub fn prune_slots(app: &AppConfig) -> String {
-    format!(
-        "cd {dir}/releases || exit 1; \
-         keep=\" $(for l in current current-blue current-green; do t=$(readlink \"../$l\") && printf '%s ' \"${{t##*/}}\"; done) \"; \
+    sh![
+        "cd ",
+        q(&app.dir),
+        "/releases || exit 1; \
+         keep=\" $(for l in current current-blue current-green; do t=$(readlink \"../$l\") && printf '%s ' \"${t##*/}\"; done) \"; \
          ls -1t | while IFS= read -r r; do case \"$keep\" in *\" $r \"*) ;; *) printf '%s\\n' \"$r\";; esac; done | \
-         tail -n +{first} | while IFS= read -r r; do rm -rf -- \"$r\" && echo \"$r\"; done",
-        dir = quote(&app.dir),
-        first = app.keep_releases + 1,
-    )
+         tail -n +",
+        app.keep_releases + 1,
+        " | while IFS= read -r r; do rm -rf -- \"$r\" && echo \"$r\"; done",
+    ]
+    .into_string()
 }
 
 /// Prints the size of the canary's access log in bytes, the offset its hold starts from.
 pub fn log_size(access_log: &str) -> String {
-    let log = quote(access_log);
-    format!(
-        "test -r {log} || {{ echo 'cannot read the access log '{log} >&2; exit 1; }}; wc -c < {log}"
-    )
+    let log = q(access_log);
+    sh![
+        "test -r ",
+        &log,
+        " || { echo 'cannot read the access log '",
+        &log,
+        " >&2; exit 1; }; wc -c < ",
+        &log,
+    ]
+    .into_string()
 }
 
 /// Prints what the access log gained since the offset read on stdin, at most its last 16 MB:
 /// a hold's worth of lines is what the canary is judged on, not a day's.
 pub fn log_since(access_log: &str) -> String {
-    format!(
-        "IFS= read -r o && tail -c \"+$((o + 1))\" {} | tail -c 16000000",
-        quote(access_log)
-    )
+    sh![
+        "IFS= read -r o && tail -c \"+$((o + 1))\" ",
+        q(access_log),
+        " | tail -c 16000000",
+    ]
+    .into_string()
 }
 
 /// Prints what `roller promote` or `roller abort` left in the decision file, if anything.
 pub fn read_decision(file: &str) -> String {
-    format!("cat {} 2>/dev/null; true", quote(file))
+    sh!["cat ", q(file), " 2>/dev/null; true"].into_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::remote::quote;
 
     fn app(dir: &str) -> AppConfig {
         AppConfig {
