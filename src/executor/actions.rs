@@ -15,65 +15,12 @@ use super::{
 };
 use crate::balancer::{APPLY_REJECTED, APPLY_UNCONFIRMED};
 use crate::canary;
-use crate::error::HostFailure;
 use crate::health::HealthSpec;
-use crate::plan::{Action, Phase, PhaseName, Role, Step, is_release};
+use crate::plan::{Action, Phase, Step, is_release};
 use crate::report::StepState;
 use crate::transport::Transport;
 
-/// A failed step, before it is attributed to a batch.
-#[derive(Debug)]
-pub(super) struct StepFailure {
-    pub target: String,
-    pub phase: PhaseName,
-    pub message: String,
-    pub role: Role,
-    pub interrupted: bool,
-}
-
-pub(super) fn to_host_failure(f: StepFailure) -> HostFailure {
-    HostFailure {
-        host: f.target,
-        step: f.phase.to_string(),
-        message: f.message,
-    }
-}
-
-pub(super) enum StepDone {
-    Done,
-    /// Done, with something the operator should read (a canary verdict).
-    Noted(String),
-    Skipped(String),
-}
-
-pub(super) struct StepError {
-    message: String,
-    interrupted: bool,
-}
-
-impl StepError {
-    pub fn interrupted(reason: String) -> StepError {
-        StepError {
-            message: format!("interrupted ({reason})"),
-            interrupted: true,
-        }
-    }
-}
-
-impl From<String> for StepError {
-    fn from(message: String) -> StepError {
-        StepError {
-            message,
-            interrupted: false,
-        }
-    }
-}
-
-impl From<&str> for StepError {
-    fn from(message: &str) -> StepError {
-        StepError::from(message.to_string())
-    }
-}
+use super::step::{StepDone, StepError, StepFailure, run};
 
 type StepResult = std::result::Result<StepDone, StepError>;
 
@@ -139,10 +86,9 @@ impl Executor<'_> {
                     );
                     Ok(())
                 }
-                Err(StepError {
-                    message,
-                    interrupted,
-                }) => {
+                Err(error) => {
+                    let interrupted = error.is_interrupt();
+                    let message = error.to_string();
                     self.emit_step(
                         batch,
                         phase.name,
@@ -218,10 +164,10 @@ impl Executor<'_> {
                 pool,
                 content,
                 command,
-            } => self
-                .set_pool(&step.target, session, &pool.down, content, command)
-                .await
-                .map_err(StepError::from),
+            } => {
+                self.set_pool(&step.target, session, &pool.down, content, command)
+                    .await
+            }
             Action::Drain {
                 command,
                 quiet,
@@ -412,7 +358,7 @@ impl Executor<'_> {
         down: &BTreeSet<String>,
         content: &str,
         command: &str,
-    ) -> std::result::Result<StepDone, String> {
+    ) -> StepResult {
         let result = session
             .exec(command, Some(content.to_string().into()), COMMAND_DEADLINE)
             .await;
@@ -421,21 +367,21 @@ impl Executor<'_> {
                 self.ledger.pool_applied(target, down);
                 Ok(StepDone::Done)
             }
-            Ok(out) if out.status == Some(APPLY_REJECTED) => Err(format!(
+            Ok(out) if out.status == Some(APPLY_REJECTED) => Err(StepError::Rejected(format!(
                 "nginx refused the new upstream file, the old one was restored: {}",
                 out.stderr_text()
-            )),
+            ))),
             Ok(out) => {
                 self.ledger.pool_unknown(target);
                 Err(if out.status == Some(APPLY_UNCONFIRMED) {
-                    format!("reload not confirmed: {}", out.stderr_text())
+                    StepError::Rejected(format!("reload not confirmed: {}", out.stderr_text()))
                 } else {
-                    describe_failure(&out)
+                    StepError::failed(&out)
                 })
             }
             Err(e) => {
                 self.ledger.pool_unknown(target);
-                Err(e.to_string())
+                Err(e.into())
             }
         }
     }
@@ -485,36 +431,5 @@ impl Executor<'_> {
             ));
         }
         Ok(StepDone::Done)
-    }
-}
-
-/// Runs a command that must succeed and returns its stdout.
-pub(super) async fn run(
-    session: &dyn Transport,
-    command: &str,
-    stdin: Option<bytes::Bytes>,
-    deadline: Duration,
-) -> std::result::Result<String, String> {
-    let out = session
-        .exec(command, stdin, deadline)
-        .await
-        .map_err(|e| e.to_string())?;
-    if out.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(describe_failure(&out))
-    }
-}
-
-pub(super) fn describe_failure(out: &crate::transport::ExecOutput) -> String {
-    let status = match out.status {
-        Some(code) => format!("exit status {code}"),
-        None => "killed or disconnected".to_string(),
-    };
-    let stderr = out.stderr_text();
-    if stderr.is_empty() {
-        status
-    } else {
-        format!("{status}: {stderr}")
     }
 }

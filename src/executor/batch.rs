@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use super::Executor;
-use super::actions::StepFailure;
+use super::step::StepFailure;
 use crate::journal::{Progress, Status};
 use crate::plan::{Action, Batch, Phase, PhaseName, Role};
 

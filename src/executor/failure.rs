@@ -4,8 +4,8 @@
 
 use std::collections::BTreeSet;
 
-use super::actions::{StepFailure, to_host_failure};
 use super::batch::changes_pool;
+use super::step::{StepFailure, to_host_failure};
 use super::{Executor, FailurePolicy, journal_status};
 use crate::inventory::Strategy;
 use crate::journal::{Progress, Status};

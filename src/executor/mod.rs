@@ -18,6 +18,7 @@ mod failure;
 mod ledger;
 mod preflight;
 mod state;
+mod step;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,9 +33,9 @@ pub use self::preflight::{FleetAtPreflight, preflight, release_name};
 pub use self::state::{JournalAndLockHost, KeptState, StateStore};
 pub use crate::transport::sessions::{Sessions, collect_sessions, connect, endpoints};
 
-use self::actions::to_host_failure;
 use self::batch::BatchStop;
 use self::ledger::Ledger;
+use self::step::to_host_failure;
 use crate::balancer::Balancer;
 use crate::error::{Error, Result};
 use crate::health::HealthCheck;
@@ -222,10 +223,10 @@ impl<'a> Executor<'a> {
     }
 
     /// Sleeps, unless interrupted first.
-    async fn pause(&self, duration: Duration) -> std::result::Result<(), actions::StepError> {
+    async fn pause(&self, duration: Duration) -> std::result::Result<(), step::StepError> {
         tokio::select! {
             () = tokio::time::sleep(duration) => Ok(()),
-            reason = self.interruption() => Err(actions::StepError::interrupted(reason)),
+            reason = self.interruption() => Err(step::StepError::interrupted(reason)),
         }
     }
 

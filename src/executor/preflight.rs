@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use tokio::time::Instant;
 
-use super::actions::run;
+use super::step::run;
 use super::{COMMAND_DEADLINE, PROBE_DEADLINE, Sessions};
 use crate::balancer::Balancer;
 use crate::error::{Error, HostFailure, Result};
@@ -80,7 +80,9 @@ pub async fn preflight(
         let Action::Check { command } = &step.action else {
             unreachable!("pre-flight steps are commands")
         };
-        let result = run(session.as_ref(), command, None, COMMAND_DEADLINE).await;
+        let result = run(session.as_ref(), command, None, COMMAND_DEADLINE)
+            .await
+            .map_err(|e| e.to_string());
         match &result {
             Ok(_) => emit(&step.target, StepState::Succeeded, Some(t0.elapsed()), None),
             Err(m) => emit(

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::COMMAND_DEADLINE;
-use super::actions::run;
+use super::step::run;
 use crate::journal::{self, Journal, RolloutState};
 use crate::transport::Transport;
 
