@@ -8,9 +8,10 @@
 //! alike, and checks each host's real state anyway.
 //!
 //! Where things are: `preflight` (what the fleet looks like before anything changes), `batch`
-//! (a batch going forward), `actions` (one function per action of a step), `failure` (failure
-//! policies, rollback, undo, interruption), `ledger` (each host's progress and outcome, behind
-//! one lock), `state` (where the rollout state is kept).
+//! (a batch going forward), `actions` (one function per action of a step), `step` (how a step
+//! ends, and why it failed), `failure` (failure policies, rollback, undo, interruption),
+//! `ledger` (each host's progress and outcome, behind one lock), `state` (where the rollout
+//! state is kept).
 
 mod actions;
 mod batch;
