@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::discovery::{FoundHost, check_unique};
 use crate::inventory::Inventory;
 use crate::plan::{BatchSize, is_release};
 use crate::remote::quote;
@@ -95,6 +96,11 @@ pub struct RolloutState {
     /// Blue-green: the slot that had traffic at pre-flight, where `recover` sends it back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live_slot: Option<crate::inventory::Slot>,
+    /// The hosts a discovering inventory found when the rollout started (none for `[[hosts]]`,
+    /// and in states written before discovery existed): `resume` and `recover` act on these, not
+    /// on a fresh answer from the API, which may have changed as the group scaled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub found: Vec<FoundHost>,
 }
 
 /// Whether `s` is what [`crate::lock::new_id`] makes: 32 lowercase hex digits.
@@ -162,7 +168,21 @@ impl RolloutState {
                 shown(&self.controller)
             ));
         }
-        let known = |h: &String| inv.host(h).is_some();
+        let found: Vec<(String, FoundHost)> = self
+            .found
+            .iter()
+            .map(|f| ("found".to_string(), f.clone()))
+            .collect();
+        problems.extend(found.iter().filter_map(|(origin, f)| f.problem(origin)));
+        if let Err(p) = check_unique(&found) {
+            problems.push(p);
+        }
+        // A discovering inventory's hosts are the ones this rollout found, or, for a new one,
+        // the ones found just now.
+        let discovering = inv.discovery.is_some();
+        let known = |h: &String| {
+            inv.host(h).is_some() || (discovering && self.found.iter().any(|f| &f.name == h))
+        };
         for (host, release) in &self.before {
             if !known(host) {
                 problems.push(format!(
@@ -376,6 +396,10 @@ mod tests {
             hosts: BTreeMap::from([("web-1".to_string(), Progress::Drained)]),
             out_of_pool: vec!["web-1".into()],
             balancers: vec!["10.0.0.5".into()],
+            found: vec![FoundHost {
+                name: "web-1".into(),
+                address: "10.0.1.11".into(),
+            }],
         };
         let journal = Journal::create(dir.path(), "shop", &state.id).unwrap();
         journal.record_state(&state);

@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
 
 use roller::balancer::Nginx;
+use roller::discovery::{self, FoundHost};
 use roller::error::{Error, HostFailure};
 use roller::executor::{
     self, Executor, ExecutorInput, FailurePolicy, JournalAndLockHost, KeptState, Options,
@@ -203,7 +204,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match &cli.command {
-        Command::Plan(args) => plan_command(args),
+        Command::Plan(args) => runtime.block_on(plan_command(args)),
         Command::Rollout(args) => runtime.block_on(rollout_command(args)),
         Command::Resume(args) => runtime.block_on(resume_command(args, false)),
         Command::Recover(args) => runtime.block_on(resume_command(args, true)),
@@ -278,10 +279,53 @@ fn report_error(error: &Error, output: Output) {
     eprintln!("error: {error}");
 }
 
-fn load_inventory(common: &Common) -> Result<(Inventory, Nginx), Error> {
-    let inventory = Inventory::load(&common.inventory)?;
+/// The inventory with its hosts: those it lists, or those its discovery finds now. Commands
+/// that act on a recorded rollout take its hosts from the state instead ([`recorded_hosts`]).
+async fn load_inventory(common: &Common) -> Result<(Inventory, Nginx), Error> {
+    let mut inventory = Inventory::load(&common.inventory)?;
+    if let Some(discovery) = &inventory.discovery {
+        let found = discovery.find().await?;
+        inventory.hosts = discovery::into_hosts(&found, discovery.user());
+        if common.output == Output::Text {
+            eprintln!(
+                "found {} hosts ({}): {}",
+                inventory.hosts.len(),
+                discovery.describe(),
+                shown_hosts(&inventory.hosts)
+            );
+        }
+    }
     let balancer = Nginx::new(&inventory.balancer, &inventory.app, &inventory.hosts);
     Ok((inventory, balancer))
+}
+
+/// The inventory alone, for commands that need only the lock host.
+fn inventory_without_hosts(common: &Common) -> Result<Inventory, Error> {
+    Inventory::load(&common.inventory)
+}
+
+/// A discovering inventory's hosts as `state` recorded them: a resume or recover acts on the
+/// fleet the rollout found, even if the group scaled since.
+fn recorded_hosts(inventory: &mut Inventory, state: &RolloutState) -> Result<(), Error> {
+    let Some(discovery) = &inventory.discovery else {
+        return Ok(());
+    };
+    if state.found.is_empty() {
+        return Err(Error::State(format!(
+            "rollout {} records no hosts, but the inventory finds its hosts through [discovery]: it was started with [[hosts]]; list them again to finish it",
+            state.id
+        )));
+    }
+    inventory.hosts = discovery::into_hosts(&state.found, discovery.user());
+    Ok(())
+}
+
+fn shown_hosts(hosts: &[roller::inventory::Host]) -> String {
+    hosts
+        .iter()
+        .map(|h| format!("{} ({})", h.name, h.address))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn release_for(release: &Option<String>, artifact: &Option<Artifact>) -> Result<String, Error> {
@@ -295,8 +339,8 @@ fn release_for(release: &Option<String>, artifact: &Option<Artifact>) -> Result<
     }
 }
 
-fn plan_command(args: &PlanArgs) -> Result<u8, Error> {
-    let (mut inventory, balancer) = load_inventory(&args.common)?;
+async fn plan_command(args: &PlanArgs) -> Result<u8, Error> {
+    let (mut inventory, balancer) = load_inventory(&args.common).await?;
     inventory.strategy = args.strategy.unwrap_or(inventory.strategy);
     let artifact = args.artifact.as_deref().map(Artifact::load).transpose()?;
     let plan = Plan::build(PlanInput {
@@ -351,7 +395,7 @@ enum JobKind {
 }
 
 async fn rollout_command(args: &RolloutArgs) -> Result<u8, Error> {
-    let (mut inventory, balancer) = load_inventory(&args.plan.common)?;
+    let (mut inventory, balancer) = load_inventory(&args.plan.common).await?;
     inventory.strategy = args.plan.strategy.unwrap_or(inventory.strategy);
     if inventory.strategy == Strategy::BlueGreen && inventory.blue_green.is_none() {
         return Err(Error::Usage {
@@ -393,7 +437,7 @@ async fn rollout_command(args: &RolloutArgs) -> Result<u8, Error> {
 }
 
 async fn resume_command(args: &ResumeArgs, recover: bool) -> Result<u8, Error> {
-    let (mut inventory, balancer) = load_inventory(&args.common)?;
+    let mut inventory = inventory_without_hosts(&args.common)?;
     let state = match &args.journal {
         Some(path) => {
             let state = Journal::last_state(path)
@@ -453,6 +497,8 @@ async fn resume_command(args: &ResumeArgs, recover: bool) -> Result<u8, Error> {
         }
         (None, false) => None,
     };
+    recorded_hosts(&mut inventory, &state)?;
+    let balancer = Nginx::new(&inventory.balancer, &inventory.app, &inventory.hosts);
     inventory.strategy = state.strategy;
     let on_failure = match state.on_failure.as_str() {
         "rollback-all" => FailurePolicy::RollbackAll,
@@ -483,7 +529,7 @@ async fn resume_command(args: &ResumeArgs, recover: bool) -> Result<u8, Error> {
 }
 
 async fn switch_back_command(args: &SwitchBackArgs) -> Result<u8, Error> {
-    let (mut inventory, balancer) = load_inventory(&args.common)?;
+    let (mut inventory, balancer) = load_inventory(&args.common).await?;
     if inventory.blue_green.is_none() {
         return Err(Error::Usage {
             flag: "switch-back".into(),
@@ -515,7 +561,7 @@ async fn switch_back_command(args: &SwitchBackArgs) -> Result<u8, Error> {
 /// Leaves word for a paused canary rollout on the first load balancer, naming the rollout so
 /// that a stale word never applies to the next one.
 async fn decide(args: &UnlockArgs, decision: &str) -> Result<u8, Error> {
-    let (inventory, _) = load_inventory(&args.common)?;
+    let inventory = inventory_without_hosts(&args.common)?;
     let lb = connect_lock_host(&inventory).await?;
     let result = async {
         let state = read_state(lb.as_ref(), &inventory)
@@ -563,7 +609,7 @@ async fn decide(args: &UnlockArgs, decision: &str) -> Result<u8, Error> {
 }
 
 async fn unlock_command(args: &UnlockArgs) -> Result<u8, Error> {
-    let (inventory, _) = load_inventory(&args.common)?;
+    let inventory = inventory_without_hosts(&args.common)?;
     let lb = connect_lock_host(&inventory).await?;
     let removed = lock::unlock(lb.as_ref(), &lock_spec(&inventory))
         .await
@@ -1168,6 +1214,17 @@ async fn with_lock(
         out_of_pool: Vec::new(),
         balancers,
         live_slot: live_slot_before.or(live_slot),
+        found: match inv.discovery {
+            Some(_) => inv
+                .hosts
+                .iter()
+                .map(|h| FoundHost {
+                    name: h.name.clone(),
+                    address: h.address.clone(),
+                })
+                .collect(),
+            None => Vec::new(),
+        },
     };
     let store = JournalAndLockHost {
         session: sessions[&inv.balancer.lock_host].clone(),

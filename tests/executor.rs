@@ -456,6 +456,7 @@ fn initial_state(inventory: &Inventory, release: &str) -> RolloutState {
         out_of_pool: Vec::new(),
         balancers: inventory.balancer.hosts.clone(),
         live_slot: None,
+        found: Vec::new(),
     }
 }
 
