@@ -265,3 +265,53 @@ async fn a_proxy_command_carries_the_connection_and_explains_its_failure() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_may_name_its_own_key_and_bastion() {
+    let net = network(97, 0, SshdOptions::default());
+    // A host outside the bastion's network rules, that accepts only a key of its own.
+    let own = support::start_host("127.0.97.50", false);
+    let known_hosts = net.dir.path().join("known_hosts_all");
+    std::fs::write(
+        &known_hosts,
+        format!(
+            "{}\n{}\n",
+            net.bastion.known_hosts_line(),
+            own.sshd.known_hosts_line()
+        ),
+    )
+    .unwrap();
+    let mut settings = net.through_bastion();
+    settings.known_hosts = known_hosts;
+    let connector = SshConnector::new(settings).unwrap();
+    let client_of = |session: Arc<dyn Transport>| async move {
+        let out = session
+            .exec("echo $SSH_CONNECTION", None, DEADLINE)
+            .await
+            .unwrap();
+        session.close().await;
+        out.stdout_text()
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+
+    let mut endpoint = own.endpoint();
+    endpoint.identity = Some(own.key.private_key.clone());
+    // Through [ssh]'s bastion, with the host's own key.
+    let through = connector.connect(&endpoint).await.unwrap();
+    assert_eq!(client_of(through).await, net.bastion.address());
+    // `proxy_jump = "none"` on the host: straight to it.
+    endpoint.proxy_jump = Some(vec![]);
+    let direct = connector.connect(&endpoint).await.unwrap();
+    assert_eq!(client_of(direct).await, "127.0.0.1");
+
+    // Without its own key the connector's is offered, which this host does not accept.
+    endpoint.identity = None;
+    match connector.connect(&endpoint).await {
+        Err(TransportError::Auth { .. }) => {}
+        Err(other) => panic!("expected an authentication refusal, got {other}"),
+        Ok(_) => panic!("the connector's key must not be accepted here"),
+    }
+}

@@ -265,6 +265,7 @@ async fn fleet_host_sshd_killed_and_restarted() {
         address: fleet.host_address("web-1"),
         port: fleet.spec().ssh_port,
         user: Some(fleet.host_user("web-1")),
+        ..Endpoint::default()
     };
     let connector = Counting::new(settings);
     let session = Reconnecting::connect(connector.clone(), endpoint, POLICY)

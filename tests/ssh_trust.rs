@@ -210,6 +210,7 @@ async fn agent_child() {
             address,
             port,
             user: None,
+            ..Endpoint::default()
         })
         .await
         .unwrap();

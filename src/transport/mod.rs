@@ -174,6 +174,11 @@ pub struct Endpoint {
     pub port: u16,
     /// The login name, when it is not the connector's default.
     pub user: Option<String>,
+    /// The private key for this host, when it is not the connector's.
+    pub identity: Option<std::path::PathBuf>,
+    /// The bastions this host is reached through, when they are not the connector's;
+    /// `Some(vec![])` reaches it directly.
+    pub proxy_jump: Option<Vec<ssh::Hop>>,
 }
 
 /// Opens sessions. One call per host per rollout: the session is kept for the whole rollout.

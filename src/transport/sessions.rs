@@ -22,15 +22,17 @@ pub fn endpoints(inv: &Inventory) -> Vec<Endpoint> {
         .map(|h| Endpoint {
             name: h.name.clone(),
             address: h.address.clone(),
-            port: inv.ssh.port,
+            port: h.reach.port.unwrap_or(inv.ssh.port),
             user: h.user.clone(),
+            identity: h.reach.identity.clone(),
+            proxy_jump: h.reach.proxy_jump.clone(),
         })
         .collect();
     endpoints.extend(inv.balancer.hosts.iter().map(|lb| Endpoint {
         name: lb.clone(),
         address: lb.clone(),
         port: inv.ssh.port,
-        user: None,
+        ..Endpoint::default()
     }));
     endpoints
 }

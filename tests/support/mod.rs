@@ -92,6 +92,7 @@ impl Host {
             address: self.sshd.address().to_string(),
             port: self.sshd.port(),
             user: None,
+            ..Endpoint::default()
         }
     }
 

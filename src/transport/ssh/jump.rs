@@ -156,6 +156,7 @@ impl SshConnector {
                 address: hop.address.clone(),
                 port: hop.port,
                 user: hop.user.clone(),
+                ..Endpoint::default()
             };
             let (policy, verdict) = self.host_key_policy(&endpoint);
             let connected = match &through {

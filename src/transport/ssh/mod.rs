@@ -12,6 +12,7 @@ mod jump;
 mod proxy_command;
 mod session;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -96,7 +97,9 @@ impl SshSettings {
 /// Opens [`SshTransport`]s. Shared by all hosts of a rollout so that the connect cap is global.
 pub struct SshConnector {
     settings: SshSettings,
-    credentials: Credentials,
+    credentials: Arc<Credentials>,
+    /// Keys of hosts that name their own `identity`, loaded when first needed.
+    host_credentials: Mutex<HashMap<PathBuf, Arc<Credentials>>>,
     config: Arc<client::Config>,
     connect_gate: Arc<Semaphore>,
     bastions: jump::Bastions,
@@ -154,7 +157,8 @@ impl SshConnector {
         Ok(SshConnector {
             connect_gate: Arc::new(Semaphore::new(settings.max_concurrent_connects.max(1))),
             settings,
-            credentials,
+            credentials: Arc::new(credentials),
+            host_credentials: Mutex::new(HashMap::new()),
             config: Arc::new(config),
             bastions: jump::Bastions::default(),
         })
@@ -169,7 +173,16 @@ impl SshConnector {
     async fn attempt(&self, endpoint: &Endpoint) -> Result<SshTransport, Attempt> {
         let (policy, verdict) = self.host_key_policy(endpoint);
         let user = endpoint.user.as_deref().unwrap_or(&self.settings.user);
-        let handle = if let Some(template) = &self.settings.proxy_command {
+        // A host's own bastions win over [ssh]'s bastions and proxy command alike.
+        let hops = endpoint
+            .proxy_jump
+            .as_ref()
+            .unwrap_or(&self.settings.proxy_jump);
+        let proxy_command = match endpoint.proxy_jump {
+            Some(_) => None,
+            None => self.settings.proxy_command.as_ref(),
+        };
+        let handle = if let Some(template) = proxy_command {
             let stream = proxy_command::spawn(template, endpoint, user).map_err(Attempt::Fatal)?;
             let stderr = stream.stderr();
             let connected = client::connect_stream(self.config.clone(), stream, policy).await;
@@ -181,7 +194,7 @@ impl SshConnector {
                     ),
                     other => other,
                 })?
-        } else if self.settings.proxy_jump.is_empty() {
+        } else if hops.is_empty() {
             let connected = client::connect(
                 self.config.clone(),
                 (endpoint.address.as_str(), endpoint.port),
@@ -190,7 +203,7 @@ impl SshConnector {
             .await;
             self.handshaken(connected, &verdict, endpoint).await?
         } else {
-            let stream = self.tunnel(&self.settings.proxy_jump, endpoint).await?;
+            let stream = self.tunnel(hops, endpoint).await?;
             let connected = client::connect_stream(self.config.clone(), stream, policy).await;
             self.handshaken(connected, &verdict, endpoint).await?
         };
@@ -199,6 +212,39 @@ impl SshConnector {
             handle: Arc::new(handle),
             channels: Semaphore::new(self.settings.max_channels_per_host.max(1)),
         })
+    }
+
+    /// The key `endpoint` names, else the connector's. A host's key is read once, at its first
+    /// connection; a bad one is that host's authentication error, naming the file.
+    fn credentials_for(
+        &self,
+        endpoint: &Endpoint,
+        user: &str,
+    ) -> Result<Arc<Credentials>, Attempt> {
+        let Some(path) = endpoint
+            .identity
+            .as_ref()
+            .filter(|p| Some(*p) != self.settings.identity.as_ref())
+        else {
+            return Ok(self.credentials.clone());
+        };
+        let mut loaded = self
+            .host_credentials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(credentials) = loaded.get(path) {
+            return Ok(credentials.clone());
+        }
+        let (key, certificate) =
+            load_identity(user, path, self.settings.identity_passphrase.as_deref())
+                .map_err(Attempt::Fatal)?;
+        let credentials = Arc::new(Credentials::Key {
+            path: path.clone(),
+            key: Arc::new(key),
+            certificate: certificate.map(Box::new),
+        });
+        loaded.insert(path.clone(), credentials.clone());
+        Ok(credentials)
     }
 
     /// The known_hosts check for `endpoint`, and where it leaves its reason for a refusal.
@@ -234,7 +280,8 @@ impl SshConnector {
             }
         };
         let user = endpoint.user.as_deref().unwrap_or(&self.settings.user);
-        auth::authenticate(&mut handle, &self.credentials, user, endpoint).await?;
+        let credentials = self.credentials_for(endpoint, user)?;
+        auth::authenticate(&mut handle, &credentials, user, endpoint).await?;
         Ok(handle)
     }
 }

@@ -166,6 +166,7 @@ mod tests {
             address: address.into(),
             port: 2222,
             user: None,
+            ..Endpoint::default()
         }
     }
 
