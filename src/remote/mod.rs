@@ -6,9 +6,10 @@
 //!
 //! Building commands as data keeps `roller plan` honest (it prints these very strings) and lets
 //! tests check them as text. `app` holds the commands run on app hosts, `nginx` those of the
-//! Nginx load-balancer driver.
+//! Nginx load-balancer driver, `lock` the deploy lock's on the lock host.
 
 mod app;
+pub mod lock;
 pub mod nginx;
 
 pub use app::{

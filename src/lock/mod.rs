@@ -25,31 +25,27 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
-use tokio::time::{Instant, sleep, sleep_until};
+use tokio::time::{Instant, sleep};
 
-use crate::remote::quote;
+use crate::remote;
+
+mod lease;
+
 use crate::transport::{ExecOutput, Transport, TransportError};
+pub use lease::{FENCED_OUT, Fence, Fenced, LeaseKeeper};
 
 /// Bounds each lock command; generous because the command may queue behind other controllers
 /// on the mutex (each holds it for milliseconds, but the host may be slow).
 pub const COMMAND_DEADLINE: Duration = Duration::from_secs(30);
-/// How long a command waits for the mutex on the load balancer before giving up; below
-/// [`COMMAND_DEADLINE`] so that the host reports why instead of our timer cutting it off.
-const MUTEX_WAIT_SECS: u32 = 10;
 /// How often [`acquire`] asks again while waiting for another rollout to finish.
 pub const WAIT_POLL: Duration = Duration::from_secs(1);
 /// After a failed renewal, retry sooner than the regular period so that one lost packet does
 /// not eat a whole third of the lease.
 const RENEW_RETRY: Duration = Duration::from_secs(1);
-/// Exit status our scripts use for a problem they explain on stderr.
-const SCRIPT_FAILURE: u32 = 3;
 
 /// Who holds (or wants) the lock, as recorded in the lock file.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -134,19 +130,9 @@ pub struct LockSpec {
 }
 
 impl LockSpec {
-    fn lease_secs(&self) -> u64 {
+    pub(crate) fn lease_secs(&self) -> u64 {
         let secs = self.lease.as_secs() + u64::from(self.lease.subsec_nanos() > 0);
         secs.max(1)
-    }
-
-    /// The shell prologue every command starts with: names the files. Only values quoted here
-    /// ever reach the shell; everything after refers to `$d` and `$f`.
-    fn files(&self) -> String {
-        format!(
-            "d={dir}; f=\"$d\"/{file}; ",
-            dir = quote(&self.state_dir),
-            file = quote(&format!("{}.lock", self.app)),
-        )
     }
 }
 
@@ -219,129 +205,6 @@ fn lost_message(holder: Option<&LockInfo>) -> String {
 
 fn timestamp(unix: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
-}
-
-/// Makes sure the state directory exists and is writable, then takes the mutex for the rest of
-/// the command (it is released when the shell exits and closes fd 9).
-fn locked_prologue(spec: &LockSpec, create: bool) -> String {
-    let missing = if create {
-        "mkdir -p -m 700 -- \"$d\" 2>/dev/null; chmod 700 -- \"$d\" 2>/dev/null; ".to_string()
-    } else {
-        // Nothing to renew, release or remove, and no reason to create a directory for that.
-        "if [ ! -d \"$d\" ]; then echo result=absent; exit 0; fi; ".to_string()
-    };
-    mutex_prologue(spec, &missing, SCRIPT_FAILURE)
-}
-
-/// `umask 077`: the lock, its mutex and its temporary file are the deploy tool's business only.
-fn mutex_prologue(spec: &LockSpec, missing: &str, fail: u32) -> String {
-    format!(
-        "umask 077; {files}{missing}\
-         if [ ! -d \"$d\" ] || [ ! -w \"$d\" ]; then printf 'lock state directory %s cannot be created or is not writable\\n' \"$d\" >&2; exit {fail}; fi; \
-         command -v flock >/dev/null 2>&1 || {{ echo 'flock(1) from util-linux is not installed on the load balancer' >&2; exit {fail}; }}; \
-         exec 9>>\"$f.mutex\" || exit {fail}; \
-         flock -w {wait} 9 || {{ printf 'timed out after {wait}s waiting for %s\\n' \"$f.mutex\" >&2; exit {fail}; }}; \
-         now=$(date +%s); ",
-        files = spec.files(),
-        wait = MUTEX_WAIT_SECS,
-    )
-}
-
-/// Prints the current lock file with every line prefixed `old.`, so it can share the output
-/// with the command's own `key=value` lines.
-const SHOW_OLD: &str = "sed 's/^/old./' \"$f\"; ";
-const READ_TOKEN: &str = "cur=$(sed -n 's/^token=//p' \"$f\"); ";
-const WRITE_FAILED: &str = "{ printf 'cannot write %s\\n' \"$f\" >&2; exit 3; }";
-
-/// Takes the lock for `me`, prints `result=fresh|resumed|took_over|held`, `now=`, and for
-/// every result but `held` the new `started=` and `lease_until=`; the previous lock, if any, as
-/// `old.` lines. `resumed` only answers a repeated request of the same process (its token is
-/// its own): a resumed rollout takes the lock with a token of its own, like any other.
-pub fn acquire_command(spec: &LockSpec, me: &LockInfo) -> String {
-    acquire_command_over(spec, me, None)
-}
-
-/// Like [`acquire_command`], and also takes over a live lease if its token is `gone`: a holder
-/// the caller proved dead (same machine, no such process).
-pub fn take_over_command(spec: &LockSpec, me: &LockInfo, gone: &str) -> String {
-    acquire_command_over(spec, me, Some(gone))
-}
-
-fn acquire_command_over(spec: &LockSpec, me: &LockInfo, gone: Option<&str>) -> String {
-    format!(
-        "{prologue}tok={token}; gone={gone}; started=$now; result=fresh; \
-         if [ -f \"$f\" ]; then {SHOW_OLD}{READ_TOKEN}\
-         if [ \"$cur\" = \"$tok\" ]; then result=resumed; s=$(sed -n 's/^started=//p' \"$f\"); \
-         case $s in ''|*[!0-9]*) ;; *) started=$s;; esac; \
-         elif [ -n \"$gone\" ] && [ \"$cur\" = \"$gone\" ]; then result=took_over; \
-         else exp=$(sed -n 's/^lease_until=//p' \"$f\"); \
-         case $exp in ''|*[!0-9]*) printf 'lock file %s has no valid lease_until; inspect it and run roller unlock\\n' \"$f\" >&2; exit {fail};; esac; \
-         if [ \"$exp\" -ge \"$now\" ]; then echo result=held; echo now=$now; exit 0; fi; \
-         result=took_over; fi; fi; \
-         exp=$((now + {lease})); \
-         printf 'token=%s\\nowner=%s\\npid=%s\\nrelease=%s\\nbalancers=%s\\nstarted=%s\\nlease_until=%s\\n' \
-         \"$tok\" {owner} {pid} {release} {balancers} \"$started\" \"$exp\" > \"$f.new\" && mv -f \"$f.new\" \"$f\" || {WRITE_FAILED}; \
-         echo result=$result; echo now=$now; echo started=$started; echo lease_until=$exp",
-        prologue = locked_prologue(spec, true),
-        token = quote(&one_line(&me.token)),
-        gone = quote(&one_line(gone.unwrap_or(""))),
-        owner = quote(&one_line(&me.owner)),
-        pid = me.pid,
-        release = quote(&one_line(&me.release)),
-        balancers = quote(&one_line(&me.balancers)),
-        lease = spec.lease_secs(),
-        fail = SCRIPT_FAILURE,
-    )
-}
-
-/// Extends the lease if `token` still holds the lock: prints `result=renewed` and the new
-/// `lease_until=`, or `result=lost` / `result=absent` with the current lock as `old.` lines.
-pub fn renew_command(spec: &LockSpec, token: &str) -> String {
-    format!(
-        "{prologue}tok={token}; \
-         if [ ! -f \"$f\" ]; then echo result=absent; exit 0; fi; {READ_TOKEN}\
-         if [ \"$cur\" != \"$tok\" ]; then echo result=lost; {SHOW_OLD}exit 0; fi; \
-         exp=$((now + {lease})); \
-         {{ grep -v '^lease_until=' \"$f\"; echo lease_until=$exp; }} > \"$f.new\" && mv -f \"$f.new\" \"$f\" || {WRITE_FAILED}; \
-         echo result=renewed; echo lease_until=$exp",
-        prologue = locked_prologue(spec, false),
-        token = quote(&one_line(token)),
-        lease = spec.lease_secs(),
-    )
-}
-
-/// Removes the lock only if `token` holds it: prints `result=released`, `result=absent`, or
-/// `result=lost` with the other holder as `old.` lines.
-pub fn release_command(spec: &LockSpec, token: &str) -> String {
-    format!(
-        "{prologue}tok={token}; \
-         if [ ! -f \"$f\" ]; then echo result=absent; exit 0; fi; {READ_TOKEN}\
-         if [ \"$cur\" != \"$tok\" ]; then echo result=lost; {SHOW_OLD}exit 0; fi; \
-         rm -f \"$f\" || exit {fail}; echo result=released",
-        prologue = locked_prologue(spec, false),
-        token = quote(&one_line(token)),
-        fail = SCRIPT_FAILURE,
-    )
-}
-
-/// Removes whatever lock is there (`roller unlock`): prints it as `old.` lines and
-/// `result=removed`, or `result=absent`.
-pub fn unlock_command(spec: &LockSpec) -> String {
-    format!(
-        "{prologue}if [ ! -f \"$f\" ]; then echo result=absent; exit 0; fi; \
-         {SHOW_OLD}rm -f \"$f\" || exit {fail}; echo result=removed",
-        prologue = locked_prologue(spec, false),
-        fail = SCRIPT_FAILURE,
-    )
-}
-
-/// Prints the lock as `old.` lines and `result=present`, or `result=absent`. Takes no mutex and
-/// creates nothing: the lock file is only ever replaced by rename, so it is read whole.
-pub fn read_command(spec: &LockSpec) -> String {
-    format!(
-        "{files}if [ -f \"$f\" ]; then {SHOW_OLD}echo result=present; else echo result=absent; fi",
-        files = spec.files(),
-    )
 }
 
 /// A command's `key=value` output: its own lines, and the lock file it showed (`old.` lines).
@@ -494,7 +357,7 @@ async fn acquire_once(
     gone: Option<&str>,
 ) -> Result<(LockInfo, Acquired), LockError> {
     const WHAT: &str = "taking the deploy lock";
-    let reply = run(t, &acquire_command_over(spec, me, gone), WHAT).await?;
+    let reply = run(t, &remote::lock::acquire(spec, me, gone), WHAT).await?;
     let how = match reply.result() {
         "held" => {
             let holder = LockInfo::from_fields(&reply.old);
@@ -544,7 +407,7 @@ async fn renew_within(
     deadline: Duration,
 ) -> Result<u64, LockError> {
     const WHAT: &str = "renewing the deploy lock";
-    let reply = run_within(t, &renew_command(spec, token), WHAT, deadline).await?;
+    let reply = run_within(t, &remote::lock::renew(spec, token), WHAT, deadline).await?;
     match reply.result() {
         "renewed" => reply.number("lease_until", WHAT),
         "lost" | "absent" => Err(LockError::Lost {
@@ -558,7 +421,7 @@ async fn renew_within(
 /// by another token is [`LockError::Lost`] and is left alone.
 pub async fn release(t: &dyn Transport, spec: &LockSpec, token: &str) -> Result<(), LockError> {
     const WHAT: &str = "releasing the deploy lock";
-    let reply = run(t, &release_command(spec, token), WHAT).await?;
+    let reply = run(t, &remote::lock::release(spec, token), WHAT).await?;
     match reply.result() {
         "released" | "absent" => Ok(()),
         "lost" => Err(LockError::Lost {
@@ -571,7 +434,7 @@ pub async fn release(t: &dyn Transport, spec: &LockSpec, token: &str) -> Result<
 /// Removes the lock whoever holds it (`roller unlock`); returns what was removed.
 pub async fn unlock(t: &dyn Transport, spec: &LockSpec) -> Result<Option<LockInfo>, LockError> {
     const WHAT: &str = "removing the deploy lock";
-    let reply = run(t, &unlock_command(spec), WHAT).await?;
+    let reply = run(t, &remote::lock::unlock(spec), WHAT).await?;
     match reply.result() {
         "removed" => Ok(Some(LockInfo::from_fields(&reply.old))),
         "absent" => Ok(None),
@@ -582,7 +445,7 @@ pub async fn unlock(t: &dyn Transport, spec: &LockSpec) -> Result<Option<LockInf
 /// The lock as it is now, if any (whether or not its lease has run out).
 pub async fn read(t: &dyn Transport, spec: &LockSpec) -> Result<Option<LockInfo>, LockError> {
     const WHAT: &str = "reading the deploy lock";
-    let reply = run(t, &read_command(spec), WHAT).await?;
+    let reply = run(t, &remote::lock::read(spec), WHAT).await?;
     match reply.result() {
         "present" => Ok(Some(LockInfo::from_fields(&reply.old))),
         "absent" => Ok(None),
@@ -590,271 +453,8 @@ pub async fn read(t: &dyn Transport, spec: &LockSpec) -> Result<Option<LockInfo>
     }
 }
 
-/// Keeps a held lock's lease alive for the length of a rollout: renews every `lease / 3` in a
-/// tokio task, and reports through [`LeaseKeeper::lost`] when the lock is lost, so the rollout
-/// can stop before it changes anything more.
-///
-/// A failed renewal (transport or remote error) is retried; the lock counts as lost only when
-/// another token holds it, it was removed, or no renewal succeeded before the lease ran out (a
-/// rollout that went on past that point could overlap another). Start it right after
-/// [`acquire`]: it takes the lease as running from its own start.
-pub struct LeaseKeeper {
-    lost: watch::Receiver<Option<String>>,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
-}
-
-impl LeaseKeeper {
-    pub fn start(t: Arc<dyn Transport>, spec: LockSpec, token: String) -> LeaseKeeper {
-        let fence = Arc::new(Fence::new(spec, token, Instant::now()));
-        LeaseKeeper::start_fenced(t, fence)
-    }
-
-    /// Renews the lease that `fence` describes, and moves the fence forward with every renewal
-    /// the load balancer confirms.
-    pub fn start_fenced(t: Arc<dyn Transport>, fence: Arc<Fence>) -> LeaseKeeper {
-        let (lost_tx, lost) = watch::channel(None);
-        let (stop, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(keep(t, fence, lost_tx, stop_rx));
-        LeaseKeeper {
-            lost,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    /// `Some(reason)` once the lock is lost; it never goes back to `None`.
-    pub fn lost(&self) -> watch::Receiver<Option<String>> {
-        self.lost.clone()
-    }
-
-    /// Stops renewing and waits for an in-flight renewal to be abandoned. Does not release the
-    /// lock: call [`release`] for that.
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for LeaseKeeper {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
-
-async fn keep(
-    t: Arc<dyn Transport>,
-    fence: Arc<Fence>,
-    lost: watch::Sender<Option<String>>,
-    mut stop: oneshot::Receiver<()>,
-) {
-    let (spec, token) = (&fence.spec, &fence.token);
-    let lease = Duration::from_secs(spec.lease_secs());
-    let period = lease / 3;
-    // The load balancer computes `lease_until` from its clock when the command runs, which is
-    // after we sent it, and the lease holds through that whole second: `sent + lease` is when
-    // it ends at the earliest, measured on our monotonic clock.
-    let mut expires = fence.valid_until();
-    let mut next = Instant::now();
-    loop {
-        tokio::select! {
-            _ = &mut stop => return,
-            _ = sleep_until(next) => {}
-        }
-        let sent = Instant::now();
-        if sent >= expires {
-            let _ = lost.send(Some(
-                "deploy lock lost: the lease ran out before it could be renewed".to_string(),
-            ));
-            return;
-        }
-        let outcome = tokio::select! {
-            _ = &mut stop => return,
-            outcome = renew_within(&*t, spec, token, expires - sent) => outcome,
-        };
-        match outcome {
-            Ok(until) if Instant::now() < expires => {
-                tracing::debug!(lease_until = until, took = ?sent.elapsed(), "deploy lock renewed");
-                expires = sent + lease;
-                fence.confirmed(sent);
-                next = sent + period;
-            }
-            Ok(_) => {
-                // The renewal may have landed after the lease ran out, when another controller
-                // could have taken and given back the lock; we cannot tell, so we assume it.
-                let _ = lost.send(Some(
-                    "deploy lock lost: the renewal answered only after the lease had run out"
-                        .to_string(),
-                ));
-                return;
-            }
-            Err(e @ LockError::Lost { .. }) => {
-                let _ = lost.send(Some(e.to_string()));
-                return;
-            }
-            Err(e) => {
-                if Instant::now() >= expires {
-                    let _ = lost.send(Some(format!(
-                        "deploy lock lost: the lease ran out before it could be renewed (last error: {e})"
-                    )));
-                    return;
-                }
-                tracing::warn!(error = %e, "deploy lock renewal failed, retrying");
-                next = Instant::now() + RENEW_RETRY.min(period);
-            }
-        }
-    }
-}
-
-/// What keeps a controller that lost its lease from changing anything: a process paused past
-/// its lease (SIGSTOP, a VM pause) wakes up believing it still holds the lock, while another
-/// controller may already have taken over.
-///
-/// Two checks, both made for every command sent through a [`Fenced`] session:
-/// - on the controller, the lease must be provably ours for a while yet: the last renewal the
-///   load balancer confirmed was *sent* less than `lease - margin` ago on our monotonic clock;
-/// - on the lock host, the command first takes the lock's mutex and checks that the lock file
-///   still names our token with an unexpired lease, and keeps the mutex until it ends, so no
-///   take-over can slip in between the check and the change.
-pub struct Fence {
-    spec: LockSpec,
-    token: String,
-    /// Our monotonic clock: the lease is provably ours until then.
-    valid_until: std::sync::Mutex<Instant>,
-}
-
-/// Exit status of a command the lock host refused because we no longer hold the lock.
-pub const FENCED_OUT: u32 = 75;
-
-impl Fence {
-    /// `sent`: when the command that took (or last renewed) the lock was sent.
-    pub fn new(spec: LockSpec, token: String, sent: Instant) -> Fence {
-        let lease = Duration::from_secs(spec.lease_secs());
-        Fence {
-            spec,
-            token,
-            valid_until: std::sync::Mutex::new(sent + lease),
-        }
-    }
-
-    pub fn token(&self) -> &str {
-        &self.token
-    }
-
-    fn valid_until(&self) -> Instant {
-        *self.valid_until.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn confirmed(&self, sent: Instant) {
-        let lease = Duration::from_secs(self.spec.lease_secs());
-        let mut until = self.valid_until.lock().unwrap_or_else(|e| e.into_inner());
-        *until = (*until).max(sent + lease);
-    }
-
-    /// A command sent now must still find the lease ours when it lands and runs; a third of the
-    /// lease leaves room for one failed renewal before commands stop.
-    fn margin(&self) -> Duration {
-        Duration::from_secs(self.spec.lease_secs()) / 3
-    }
-
-    /// `Err` with the reason once the lease is no longer provably ours.
-    pub fn check(&self) -> Result<(), String> {
-        if Instant::now() + self.margin() < self.valid_until() {
-            Ok(())
-        } else {
-            Err(
-                "fenced out: the deploy lock's lease is no longer provably held (no renewal confirmed in time); \
-                 another controller may have taken over, so this one changes nothing more"
-                    .to_string(),
-            )
-        }
-    }
-
-    /// Wraps a command for the lock host: it runs only while the lock's mutex is held and the
-    /// lock file still names our token with a live lease; otherwise it exits [`FENCED_OUT`]. The
-    /// command itself does not inherit the mutex's descriptor, so nothing it leaves running can
-    /// hold the lock.
-    pub fn guard(&self, command: &str) -> String {
-        format!(
-            "{prologue}tok={token}; cur=; exp=0; \
-             if [ -f \"$f\" ]; then while IFS='=' read -r k v; do case $k in token) cur=$v;; lease_until) exp=$v;; esac; done < \"$f\"; fi; \
-             case $exp in ''|*[!0-9]*) exp=0;; esac; \
-             if [ \"$cur\" != \"$tok\" ] || [ \"$exp\" -lt \"$now\" ]; then \
-             echo 'fenced out: this controller no longer holds the deploy lock; another one may have taken over' >&2; exit {fenced}; fi; \
-             {{ {command}\n}} 9>&-",
-            prologue = mutex_prologue(
-                &self.spec,
-                &format!(
-                    "if [ ! -d \"$d\" ]; then echo 'fenced out: the lock state directory is gone' >&2; exit {FENCED_OUT}; fi; "
-                ),
-                FENCED_OUT,
-            ),
-            token = quote(&one_line(&self.token)),
-            fenced = FENCED_OUT,
-        )
-    }
-}
-
-/// A session whose every command is fenced ([`Fence`]); on the lock host, the load balancer
-/// checks the lock too.
-pub struct Fenced {
-    inner: Arc<dyn Transport>,
-    fence: Arc<Fence>,
-    lock_host: bool,
-}
-
-impl Fenced {
-    pub fn new(inner: Arc<dyn Transport>, fence: Arc<Fence>, lock_host: bool) -> Fenced {
-        Fenced {
-            inner,
-            fence,
-            lock_host,
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl Transport for Fenced {
-    async fn exec(
-        &self,
-        command: &str,
-        stdin: Option<bytes::Bytes>,
-        deadline: Duration,
-    ) -> Result<ExecOutput, TransportError> {
-        self.fence.check().map_err(TransportError::Fenced)?;
-        if self.lock_host {
-            self.inner
-                .exec(&self.fence.guard(command), stdin, deadline)
-                .await
-        } else {
-            self.inner.exec(command, stdin, deadline).await
-        }
-    }
-
-    async fn http_get(
-        &self,
-        address: &str,
-        port: u16,
-        path: &str,
-        deadline: Duration,
-    ) -> Result<u16, TransportError> {
-        // Reads nothing but a status code and changes nothing: no fence needed.
-        self.inner.http_get(address, port, path, deadline).await
-    }
-
-    async fn close(&self) {
-        self.inner.close().await;
-    }
-}
-
 /// A value for one `key=value` line: control characters would split or hide lines.
-fn one_line(s: &str) -> String {
+pub(crate) fn one_line(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { '?' } else { c })
         .collect()
@@ -930,19 +530,6 @@ mod tests {
         let mut s = spec("s");
         s.lease = Duration::ZERO;
         assert_eq!(s.lease_secs(), 1);
-    }
-
-    #[test]
-    fn values_cannot_add_lines_to_the_lock_file() {
-        let mut me = LockInfo::new_for("v2\nlease_until=99999999999");
-        me.owner = "eve\nlease_until=1".into();
-        let cmd = acquire_command(&spec("/srv/state"), &me);
-        assert!(cmd.contains("'v2?lease_until=99999999999'"), "{cmd}");
-        assert!(cmd.contains("'eve?lease_until=1'"), "{cmd}");
-        assert!(
-            cmd.starts_with("umask 077; d=/srv/state; f=\"$d\"/shop.lock; "),
-            "{cmd}"
-        );
     }
 
     #[test]
