@@ -2,13 +2,17 @@
 //!
 //! The default check is an HTTP GET made from the host itself through its SSH connection, so a
 //! health endpoint bound to a private interface needs no extra network path from the controller.
+//! Where the host's sshd refuses port forwarding (CIS-hardened images), the same GET is made by a
+//! command on the host (curl, wget or bash, whichever it has), or the inventory's
+//! `health.command` runs there instead.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use crate::transport::Transport;
+use crate::remote;
+use crate::transport::{Transport, TransportError};
 
 /// What to ask and what counts as healthy.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -22,6 +26,9 @@ pub struct HealthSpec {
     #[serde(with = "crate::inventory::human")]
     pub timeout: Duration,
     pub successes: u32,
+    /// `health.command`, for hosts that refuse port forwarding.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
 }
 
 impl HealthSpec {
@@ -35,6 +42,7 @@ impl HealthSpec {
             interval: inv.health.interval,
             timeout: inv.health.timeout,
             successes: inv.health.successes,
+            command: inv.health.command.clone(),
         }
     }
 
@@ -78,13 +86,10 @@ impl HealthCheck for HttpOverSsh {
         spec: &HealthSpec,
         deadline: Duration,
     ) -> Result<(), String> {
-        match transport
-            .http_get(&spec.address, spec.port, &spec.path, deadline)
-            .await
-        {
+        match status(transport, spec, deadline).await {
             Ok(status) if status == spec.expect_status => Ok(()),
             Ok(status) => Err(format!("HTTP {status}, expected {}", spec.expect_status)),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e),
         }
     }
 
@@ -102,10 +107,7 @@ impl HealthCheck for HttpOverSsh {
                 .saturating_duration_since(started)
                 .min(Duration::from_secs(5))
                 .max(Duration::from_millis(100));
-            match transport
-                .http_get(&spec.address, spec.port, &spec.path, probe_deadline)
-                .await
-            {
+            match status(transport, spec, probe_deadline).await {
                 Ok(status) if status == spec.expect_status => {
                     in_a_row += 1;
                     if in_a_row >= spec.successes {
@@ -119,7 +121,7 @@ impl HealthCheck for HttpOverSsh {
                 }
                 Err(e) => {
                     in_a_row = 0;
-                    last = e.to_string();
+                    last = e;
                 }
             }
             let next = started + spec.interval;
@@ -133,5 +135,72 @@ impl HealthCheck for HttpOverSsh {
             }
             tokio::time::sleep_until(next).await;
         }
+    }
+}
+
+/// Begins what a probe reports when the host refused forwarding and the check from the host
+/// itself failed too: no health can be known there, which pre-flight refuses outright rather
+/// than count the host as merely unhealthy.
+pub const CANNOT_CHECK: &str = "checking from the host itself failed";
+
+/// Whether a probe's error says the host's health cannot be checked at all.
+pub fn cannot_check(error: &str) -> bool {
+    error.contains(CANNOT_CHECK)
+}
+
+/// The app's HTTP status, through a forwarded channel or, where the host's sshd refuses
+/// forwarding, from a command on the host itself.
+async fn status(
+    transport: &dyn Transport,
+    spec: &HealthSpec,
+    deadline: Duration,
+) -> Result<u16, String> {
+    let refused = match transport
+        .http_get(&spec.address, spec.port, &spec.path, deadline)
+        .await
+    {
+        Ok(status) => return Ok(status),
+        Err(refused @ TransportError::ForwardingRefused { .. }) => refused,
+        Err(e) => return Err(e.to_string()),
+    };
+    let from_host = |why: String| format!("{refused}; {CANNOT_CHECK}: {why}");
+    if let Some(command) = &spec.command {
+        let out = transport
+            .exec(&remote::health::configured(command), None, deadline)
+            .await
+            .map_err(|e| from_host(e.to_string()))?;
+        return if out.success() {
+            Ok(spec.expect_status)
+        } else if matches!(out.status, Some(126 | 127)) {
+            // The shell could not run it at all: no health can be known on this host.
+            Err(from_host(format!(
+                "health.command could not run (exit {}): {}",
+                out.status.unwrap_or_default(),
+                out.stderr_text().trim()
+            )))
+        } else {
+            // The command ran and said no: the app is unhealthy, as a 503 would say.
+            Err(format!(
+                "{refused}; health.command on the host exited {}: {}",
+                out.status
+                    .map_or("without a status".into(), |s| s.to_string()),
+                out.stderr_text().trim()
+            ))
+        };
+    }
+    let command =
+        remote::health::http_status(&spec.address, spec.port, &spec.path, deadline.as_secs());
+    let out = transport
+        .exec(&command, None, deadline)
+        .await
+        .map_err(|e| from_host(e.to_string()))?;
+    match out.stdout_text().trim().parse::<u16>() {
+        Ok(status) if (100..600).contains(&status) => Ok(status),
+        // Nothing answered: the app is down, which a rollout may well fix.
+        _ if out.status != Some(remote::health::NO_CLIENT) => Err(format!(
+            "{refused}; from the host itself: no HTTP answer from {}:{}",
+            spec.address, spec.port
+        )),
+        _ => Err(from_host(out.stderr_text().trim().to_string())),
     }
 }

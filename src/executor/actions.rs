@@ -408,25 +408,39 @@ impl Executor<'_> {
                 interval: PROBE_DEADLINE,
                 timeout: PROBE_DEADLINE,
                 successes: 1,
+                command: self.plan.health_command.clone(),
             };
             let in_pool = self.ledger.host(name).in_pool || returning.contains(name);
-            let healthy = self
-                .health
-                .probe(session.as_ref(), &spec, PROBE_DEADLINE)
-                .await
-                .is_ok();
-            (in_pool && healthy).then(|| name.clone())
+            if !in_pool {
+                return Some(Err(format!("{name}: out of the pool")));
+            }
+            Some(
+                self.health
+                    .probe(session.as_ref(), &spec, PROBE_DEADLINE)
+                    .await
+                    .map(|()| name.clone())
+                    .map_err(|e| format!("{name}: {e}")),
+            )
         }))
         .await;
-        let healthy: Vec<String> = probes.into_iter().flatten().collect();
+        let (healthy, why_not): (Vec<_>, Vec<_>) =
+            probes.into_iter().flatten().partition(Result::is_ok);
+        let healthy: Vec<String> = healthy.into_iter().flatten().collect();
         if healthy.len() < min_healthy {
+            // Why the others do not count is what the operator needs to act on.
+            let why_not: Vec<String> = why_not.into_iter().filter_map(Result::err).collect();
             return Err(format!(
-                "only {} host(s) would stay healthy in the pool ({}), below balancer.min_healthy = {min_healthy}; the batch was not taken out",
+                "only {} host(s) would stay healthy in the pool ({}), below balancer.min_healthy = {min_healthy}; the batch was not taken out{}",
                 healthy.len(),
                 if healthy.is_empty() {
                     "none".to_string()
                 } else {
                     healthy.join(", ")
+                },
+                if why_not.is_empty() {
+                    String::new()
+                } else {
+                    format!("; not counted: {}", why_not.join("; "))
                 }
             ));
         }

@@ -194,10 +194,23 @@ pub async fn preflight(
         health
             .probe(sessions[name].as_ref(), &spec, PROBE_DEADLINE)
             .await
-            .is_ok()
     }))
     .await;
-    for ((name, facts), healthy) in facts_of.into_iter().zip(probes) {
+    for ((name, facts), probe) in facts_of.into_iter().zip(probes) {
+        // An unhealthy app is the rollout's business (a release may fix it); a host whose
+        // health cannot be checked at all would fail every health check the rollout makes.
+        let healthy = match probe {
+            Ok(()) => true,
+            Err(e) if crate::health::cannot_check(&e) => {
+                failures.push(HostFailure {
+                    host: name.clone(),
+                    step: "preflight".into(),
+                    message: format!("cannot check health: {e}"),
+                });
+                false
+            }
+            Err(_) => false,
+        };
         // A link's target is read back from the host: it must name a release by the release
         // rules before it may become a rollback target or reach a command.
         for (key, file) in [

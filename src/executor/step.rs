@@ -81,6 +81,7 @@ impl From<TransportError> for StepError {
             TransportError::Connect(_)
             | TransportError::Disconnected(_)
             | TransportError::Channel(_) => StepError::LostConnection(e),
+            TransportError::ForwardingRefused { .. } => StepError::Refused(e),
             TransportError::HostKeyUnknown { .. }
             | TransportError::HostKeyChanged { .. }
             | TransportError::HostKeyRevoked { .. }

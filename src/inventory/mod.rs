@@ -166,6 +166,9 @@ pub struct HealthConfig {
     #[serde(with = "human")]
     pub timeout: Duration,
     pub successes: u32,
+    /// Run on the host when its sshd refuses port forwarding: healthy when it exits 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -376,7 +379,14 @@ impl Inventory {
         r.unknown_keys(
             "health",
             health_t,
-            &["path", "expect_status", "interval", "timeout", "successes"],
+            &[
+                "path",
+                "expect_status",
+                "interval",
+                "timeout",
+                "successes",
+                "command",
+            ],
         );
         let health = HealthConfig {
             path: r.string(health_t, "health", "path", Some("/actuator/health")),
@@ -385,6 +395,7 @@ impl Inventory {
             interval: r.duration(health_t, "health", "interval", Some("500ms")),
             timeout: r.duration(health_t, "health", "timeout", Some("60s")),
             successes: r.integer(health_t, "health", "successes", Some(1), 1, 1000) as u32,
+            command: r.optional_string(health_t, "health", "command"),
         };
         if !health.path.starts_with('/') || health.path.chars().any(char::is_whitespace) {
             r.problem(

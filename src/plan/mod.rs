@@ -38,6 +38,9 @@ pub struct Plan {
     pub live_slot: Option<Slot>,
     pub artifact: Option<Artifact>,
     pub hosts: Vec<Host>,
+    /// `health.command`, for hosts whose sshd refuses port forwarding.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_command: Option<String>,
     pub balancers: Vec<String>,
     /// Where the pool lives on each load balancer, and how to apply it by hand.
     pub upstream_file: String,
@@ -311,6 +314,7 @@ impl Plan {
             live_slot: None,
             artifact: None,
             hosts: inv.hosts.clone(),
+            health_command: inv.health.command.clone(),
             balancers: inv.balancer.hosts.clone(),
             upstream_file: inv.balancer.upstream_file.clone(),
             reload: inv.balancer.reload.clone(),

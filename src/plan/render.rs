@@ -158,6 +158,7 @@ fn render_steps(out: &mut String, label: &str, phase: &Phase) {
                 interval,
                 timeout,
                 successes,
+                ..
             }) => out.push_str(&format!(
                 "  {label} {who}: GET http://{address}:{port}{path} from the host, expect {expect_status} {successes} time(s) in a row, every {}, at most {}\n",
                 humantime::format_duration(*interval),

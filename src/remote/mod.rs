@@ -9,6 +9,7 @@
 //! Nginx load-balancer driver, `lock` the deploy lock's on the lock host.
 
 mod app;
+pub mod health;
 pub mod lock;
 pub mod nginx;
 

@@ -135,6 +135,12 @@ pub enum TransportError {
     /// The deploy lock's lease is no longer provably ours: nothing may be sent.
     #[error("{0}")]
     Fenced(String),
+    /// The host's sshd refuses port forwarding (`AllowTcpForwarding no`, as CIS-hardened images
+    /// set it): nothing behind it can be reached through the connection, only commands run.
+    #[error(
+        "{host}: sshd refuses port forwarding (administratively prohibited: AllowTcpForwarding no or PermitOpen), so {target} cannot be reached through it"
+    )]
+    ForwardingRefused { host: String, target: String },
 }
 
 /// An open, authenticated session to one host. Implementations multiplex concurrent calls over

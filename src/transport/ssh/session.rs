@@ -125,6 +125,14 @@ impl SshTransport {
                     matches!(refusal, ChannelOpenFailure::ResourceShortage)
                 }
             };
+            if kind == ChannelKind::DirectTcpip
+                && refusal == ChannelOpenFailure::AdministrativelyProhibited
+            {
+                return Err(TransportError::ForwardingRefused {
+                    host: self.name.clone(),
+                    target: format!("{address}:{port}"),
+                });
+            }
             let pause = backoff.next();
             if !retry || Instant::now() + pause >= until {
                 return Err(TransportError::Channel(match kind {
