@@ -12,6 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::discovery::{FoundHost, check_unique};
+use crate::executor::FailurePolicy;
 use crate::inventory::Inventory;
 use crate::plan::{BatchSize, is_release};
 use crate::remote::quote;
@@ -77,9 +78,12 @@ pub struct RolloutState {
     /// The jar's file name, for people: never read back as a path.
     pub artifact: Option<String>,
     pub artifact_sha256: Option<String>,
-    /// `--batch` as given.
-    pub batch: String,
-    pub on_failure: String,
+    /// `--batch` as given, written as the flag spells it (`"2"`, `"25%"`).
+    #[serde(with = "batch_text")]
+    pub batch: BatchSize,
+    /// `--on-failure`, written as the flag spells it (`"rollback-batch"`).
+    #[serde(with = "policy_text")]
+    pub on_failure: FailurePolicy,
     pub max_failed_hosts: usize,
     pub controller: String,
     pub started: u64,
@@ -150,18 +154,6 @@ impl RolloutState {
         {
             problems.push(format!("artifact_sha256 {} is not a SHA-256", shown(sha)));
         }
-        if self.batch.parse::<BatchSize>().is_err() {
-            problems.push(format!("batch {} is not a batch size", shown(&self.batch)));
-        }
-        if !matches!(
-            self.on_failure.as_str(),
-            "rollback-batch" | "rollback-all" | "halt"
-        ) {
-            problems.push(format!(
-                "on_failure {} is not a policy",
-                shown(&self.on_failure)
-            ));
-        }
         if self.controller.len() > 256 || self.controller.chars().any(char::is_control) {
             problems.push(format!(
                 "controller {} is not a user@host",
@@ -222,6 +214,62 @@ impl RolloutState {
             }
         }
         problems
+    }
+}
+
+/// The state file keeps `batch` as text, as `--batch` takes it: files written by any version
+/// of roller read alike, and a person reading the file sees the flag they gave.
+mod batch_text {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    use crate::plan::BatchSize;
+
+    pub fn serialize<S: Serializer>(batch: &BatchSize, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::batch_flag(*batch))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BatchSize, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse()
+            .map_err(|e| D::Error::custom(format!("batch is not a batch size: {e}")))
+    }
+}
+
+/// `batch` as `--batch` spells it.
+pub fn batch_flag(batch: BatchSize) -> String {
+    match batch {
+        BatchSize::Hosts(n) => n.to_string(),
+        BatchSize::Percent(p) => format!("{p}%"),
+    }
+}
+
+/// The state file keeps `on_failure` as `--on-failure` spells it.
+mod policy_text {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    use crate::executor::FailurePolicy;
+
+    const POLICIES: [FailurePolicy; 3] = [
+        FailurePolicy::RollbackBatch,
+        FailurePolicy::RollbackAll,
+        FailurePolicy::Halt,
+    ];
+
+    pub fn serialize<S: Serializer>(policy: &FailurePolicy, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(policy.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<FailurePolicy, D::Error> {
+        let text = String::deserialize(d)?;
+        POLICIES
+            .into_iter()
+            .find(|p| p.as_str() == text)
+            .ok_or_else(|| {
+                let shown: String = text.chars().take(80).collect();
+                D::Error::custom(format!(
+                    "on_failure {shown:?} is not a policy: rollback-batch, rollback-all or halt"
+                ))
+            })
     }
 }
 
@@ -375,6 +423,45 @@ mod tests {
     }
 
     #[test]
+    fn batch_and_failure_policy_are_written_as_the_flags_spell_them() {
+        let mut state: RolloutState = serde_json::from_value(serde_json::json!({
+            "id": "0123456789abcdef0123456789abcdef", "app": "shop", "release": "v2",
+            "artifact": null, "artifact_sha256": null, "batch": "25%", "on_failure": "rollback-all",
+            "max_failed_hosts": 0, "controller": "me@here", "started": 1, "updated": 1,
+            "status": "running", "before": {}, "hosts": {}, "out_of_pool": [],
+        }))
+        .unwrap();
+        assert_eq!(state.batch, BatchSize::Percent(25));
+        assert_eq!(state.on_failure, FailurePolicy::RollbackAll);
+        state.batch = BatchSize::Hosts(2);
+        state.on_failure = FailurePolicy::Halt;
+        let json = serde_json::to_value(&state).unwrap();
+        assert_eq!(json["batch"], "2");
+        assert_eq!(json["on_failure"], "halt");
+    }
+
+    #[test]
+    fn a_state_with_an_unknown_policy_or_batch_does_not_read() {
+        let mut json = serde_json::json!({
+            "id": "0123456789abcdef0123456789abcdef", "app": "shop", "release": "v2",
+            "artifact": null, "artifact_sha256": null, "batch": "1", "on_failure": "rollback-batch",
+            "max_failed_hosts": 0, "controller": "me@here", "started": 1, "updated": 1,
+            "status": "running", "before": {}, "hosts": {}, "out_of_pool": [],
+        });
+        assert!(serde_json::from_value::<RolloutState>(json.clone()).is_ok());
+        json["on_failure"] = "rm -rf".into();
+        let err = serde_json::from_value::<RolloutState>(json.clone()).unwrap_err();
+        assert!(err.to_string().contains("is not a policy"), "{err}");
+        json["on_failure"] = "halt".into();
+        json["batch"] = "0%".into();
+        let err = serde_json::from_value::<RolloutState>(json).unwrap_err();
+        assert!(
+            err.to_string().contains("batch is not a batch size"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn the_journal_keeps_the_last_state_across_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let mut state = RolloutState {
@@ -384,8 +471,8 @@ mod tests {
             release: "v2".into(),
             artifact: None,
             artifact_sha256: None,
-            batch: "1".into(),
-            on_failure: "rollback-batch".into(),
+            batch: BatchSize::Hosts(1),
+            on_failure: FailurePolicy::RollbackBatch,
             max_failed_hosts: 0,
             controller: "me@here".into(),
             started: 1,

@@ -377,7 +377,6 @@ struct Job {
     release: String,
     artifact: Option<Artifact>,
     batch: BatchSize,
-    batch_text: String,
     options: Options,
     lock_wait: Option<Duration>,
     journal_dir: PathBuf,
@@ -428,7 +427,6 @@ async fn rollout_command(args: &RolloutArgs) -> Result<u8, Error> {
         release,
         artifact: Some(artifact),
         batch: args.plan.batch,
-        batch_text: batch_text(args.plan.batch),
         lock_wait: args.control.lock_wait,
         journal_dir: journal_dir(&args.control),
         kind: JobKind::Rollout,
@@ -500,12 +498,8 @@ async fn resume_command(args: &ResumeArgs, recover: bool) -> Result<u8, Error> {
     recorded_hosts(&mut inventory, &state)?;
     let balancer = Nginx::new(&inventory.balancer, &inventory.app, &inventory.hosts);
     inventory.strategy = state.strategy;
-    let on_failure = match state.on_failure.as_str() {
-        "rollback-all" => FailurePolicy::RollbackAll,
-        "halt" => FailurePolicy::Halt,
-        _ => FailurePolicy::RollbackBatch,
-    };
-    let batch: BatchSize = state.batch.parse().unwrap_or(BatchSize::Hosts(1));
+    let on_failure = state.on_failure;
+    let batch = state.batch;
     let job = Job {
         pause: false,
         options: options(&args.common, on_failure, state.max_failed_hosts),
@@ -516,7 +510,6 @@ async fn resume_command(args: &ResumeArgs, recover: bool) -> Result<u8, Error> {
         release: state.release.clone(),
         artifact,
         batch,
-        batch_text: state.batch.clone(),
         lock_wait: args.control.lock_wait,
         journal_dir: journal_dir(&args.control),
         kind: if recover {
@@ -550,7 +543,6 @@ async fn switch_back_command(args: &SwitchBackArgs) -> Result<u8, Error> {
         release: "switch-back".into(),
         artifact: None,
         batch: BatchSize::Hosts(1),
-        batch_text: "1".into(),
         lock_wait: args.control.lock_wait,
         journal_dir: journal_dir(&args.control),
         kind: JobKind::SwitchBack,
@@ -641,13 +633,6 @@ fn options(common: &Common, on_failure: FailurePolicy, max_failed_hosts: usize) 
         resume_hint: format!("roller resume --inventory {inv}"),
         recover_hint: format!("roller recover --inventory {inv}"),
         rollout_id: String::new(),
-    }
-}
-
-fn batch_text(batch: BatchSize) -> String {
-    match batch {
-        BatchSize::Hosts(n) => n.to_string(),
-        BatchSize::Percent(p) => format!("{p}%"),
     }
 }
 
@@ -1202,8 +1187,8 @@ async fn with_lock(
             .as_ref()
             .map(|a| a.sha256.clone())
             .or_else(|| resumed.and_then(|s| s.artifact_sha256.clone())),
-        batch: job.batch_text.clone(),
-        on_failure: job.options.on_failure.as_str().to_string(),
+        batch: job.batch,
+        on_failure: job.options.on_failure,
         max_failed_hosts: job.options.max_failed_hosts,
         controller: me.owner.clone(),
         started: journal::now_secs(),
