@@ -37,7 +37,7 @@ pub struct Inventory {
     pub hosts: Vec<Host>,
 }
 
-/// How a release reaches the fleet; the design notes describe all three.
+/// How a release reaches the fleet; the README's Strategies section describes all three.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Strategy {

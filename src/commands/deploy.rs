@@ -1,0 +1,287 @@
+//! The one run behind every command that changes the fleet: under the deploy lock, reconcile
+//! with what an earlier rollout left, run pre-flight, build the plan from what pre-flight saw,
+//! and hand it to the executor with the rollout state it keeps up to date.
+//!
+//! A rollout, a resumed rollout, a recovery and a switch-back differ only in their [`Kind`]:
+//! which state they carry on, which targets they aim at, which plan they build.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{Control, Display, Finished, Hints, read_state, resume, switch_back};
+use crate::balancer::Nginx;
+use crate::discovery::FoundHost;
+use crate::error::{Error, Result};
+use crate::executor::{
+    self, Executor, ExecutorInput, FailurePolicy, JournalAndLockHost, KeptState, Options,
+    StateStore,
+};
+use crate::health::HttpOverSsh;
+use crate::inventory::{Inventory, Strategy};
+use crate::journal::{self, Journal, RolloutState, Status, Tee};
+use crate::lock;
+use crate::plan::{Artifact, BatchSize, Plan, PlanInput};
+use crate::reconcile::{self, Asked, SlotRecovery};
+use crate::report::{Outcome, Reporter};
+use crate::session::{self, Hold};
+
+/// What a run is asked to do to the fleet, checked by the command that built it.
+pub struct Deploy {
+    /// With the strategy this run follows already set.
+    pub inventory: Inventory,
+    pub hints: Hints,
+    pub release: String,
+    /// `None` when every host must already hold the jar (a resume without `--artifact`), or
+    /// when no jar is involved (recover, switch-back).
+    pub artifact: Option<Artifact>,
+    pub batch: BatchSize,
+    /// Canary: wait for `roller promote` or `roller abort` after the last hold.
+    pub pause: bool,
+    pub on_failure: FailurePolicy,
+    pub max_failed_hosts: usize,
+    pub control: Control,
+    pub kind: Kind,
+}
+
+pub enum Kind {
+    Rollout,
+    /// Finishes the rollout in this state.
+    Resume(RolloutState),
+    /// Returns every host to its release from before the rollout in this state.
+    Recover(RolloutState),
+    /// Blue-green: traffic back to the other slot.
+    SwitchBack,
+}
+
+impl Deploy {
+    fn asked<'a>(&'a self, rollout_id: &'a str) -> Asked<'a> {
+        match &self.kind {
+            Kind::Rollout => Asked::Rollout {
+                id: rollout_id,
+                release: &self.release,
+            },
+            Kind::Resume(s) => Asked::Resume(s),
+            Kind::Recover(s) => Asked::Recover(s),
+            Kind::SwitchBack => Asked::SwitchBack,
+        }
+    }
+}
+
+/// Runs `deploy` under the deploy lock. `Err` means nothing live was changed (or the lock was
+/// lost); `Ok` carries the report of a run that reached the executor, whatever its outcome.
+pub async fn run(deploy: Deploy, display: Display<'_>) -> Result<Finished> {
+    let balancer = Nginx::new(
+        &deploy.inventory.balancer,
+        &deploy.inventory.app,
+        &deploy.inventory.hosts,
+    );
+    let rollout_id = match &deploy.kind {
+        Kind::Resume(state) | Kind::Recover(state) => state.id.clone(),
+        Kind::Rollout | Kind::SwitchBack => lock::new_id(),
+    };
+    let journal_dir = deploy.control.journal_dir();
+    let hold = Hold {
+        inventory: &deploy.inventory,
+        release: &deploy.release,
+        lock_wait: deploy.control.lock_wait,
+        journal_dir: &journal_dir,
+        resume_hint: &deploy.hints.resume,
+    };
+    session::hold(hold, async |held| {
+        locked(&deploy, &balancer, held, &rollout_id, &journal_dir, display).await
+    })
+    .await
+}
+
+async fn locked(
+    d: &Deploy,
+    balancer: &Nginx,
+    held: &session::Held,
+    rollout_id: &str,
+    journal_dir: &Path,
+    display: Display<'_>,
+) -> Result<Finished> {
+    let inv = &d.inventory;
+    let sessions = &held.sessions;
+    let journal = Arc::new(
+        Journal::create(journal_dir, &inv.app.name, rollout_id).map_err(|e| {
+            Error::State(format!(
+                "cannot write the journal in {}: {e}",
+                journal_dir.display()
+            ))
+        })?,
+    );
+    journal.record(
+        "lock",
+        serde_json::json!({
+            "acquired": format!("{:?}", held.acquired), "holder": held.me, "rollout": rollout_id
+        }),
+    );
+    if let (Kind::Resume(state), None) = (&d.kind, &d.artifact)
+        && let Some(sha) = &state.artifact_sha256
+    {
+        resume::verify_staged_jar(inv, sessions, &state.release, sha).await?;
+    }
+    let prior = read_state(held.lock_host.as_ref(), inv).await?;
+    let balancers = session::balancer_set(inv);
+    let reconciled =
+        reconcile::reconcile(d.asked(rollout_id), prior.as_ref(), &balancers, &d.hints)?;
+
+    let reporter: Arc<dyn Reporter> = Arc::new(Tee(vec![journal.clone(), display(inv)]));
+    let observed = executor::preflight(
+        inv,
+        balancer,
+        &HttpOverSsh,
+        sessions,
+        d.artifact.as_ref().map(|a| a.bytes),
+        reporter.as_ref(),
+    )
+    .await?;
+
+    let recover = match &d.kind {
+        Kind::Recover(state) => Some(reconcile::recover_targets(
+            state,
+            inv.hosts.iter().map(|h| h.name.as_str()),
+        )),
+        _ => None,
+    };
+    let release = recover
+        .as_ref()
+        .and_then(|r| r.release.clone())
+        .unwrap_or_else(|| d.release.clone());
+    let live_slot = observed.live_slot(inv);
+    let plan = match (&d.kind, live_slot) {
+        (Kind::SwitchBack, Some(live)) => {
+            switch_back::refuse_silent_slot(inv, sessions, live).await?;
+            Plan::switch_back(inv, balancer, live)?
+        }
+        (Kind::SwitchBack, None) => unreachable!("pre-flight fails when no slot is live"),
+        // A blue-green release only ever moved traffic between slots: recovering it moves
+        // traffic back to the slot that had it at pre-flight, if it is not there already.
+        (Kind::Recover(s), Some(live)) if s.strategy == Strategy::BlueGreen => {
+            let recovery = reconcile::slot_recovery(s, live, &d.hints.switch_back)?;
+            let mut plan = Plan::switch_back(inv, balancer, live)?;
+            match recovery {
+                SlotRecovery::Stay => plan.batches.clear(),
+                SlotRecovery::MoveBack => {
+                    switch_back::refuse_silent_slot(inv, sessions, live).await?
+                }
+            }
+            plan
+        }
+        _ => Plan::build(PlanInput {
+            inventory: inv,
+            balancer,
+            release,
+            artifact: d.artifact.clone(),
+            batch: d.batch,
+            observed: Some(&observed.hosts),
+            unfinished: &reconciled.unfinished,
+            targets: recover.as_ref().map(|r| &r.targets),
+            strategy: inv.strategy,
+            live_slot,
+            pause: d.pause,
+            adopt: observed.adopting(inv),
+        })?,
+    };
+    if let Some(recover) = &recover
+        && !recover.unrecorded.is_empty()
+    {
+        eprintln!(
+            "warning: no release from before the rollout is recorded for {}: left as they are",
+            recover.unrecorded.join(", ")
+        );
+    }
+
+    let before = reconciled.before.unwrap_or_else(|| {
+        observed
+            .hosts
+            .iter()
+            .map(|(h, o)| (h.clone(), o.release.clone()))
+            .collect()
+    });
+    // A resumed rollout without --artifact goes on with the jar it recorded.
+    let resumed = match &d.kind {
+        Kind::Resume(s) => Some(s),
+        _ => None,
+    };
+    let state = RolloutState {
+        strategy: inv.strategy,
+        id: rollout_id.to_string(),
+        app: inv.app.name.clone(),
+        release: d.release.clone(),
+        artifact: d
+            .artifact
+            .as_ref()
+            .and_then(|a| a.path.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .or_else(|| resumed.and_then(|s| s.artifact.clone())),
+        artifact_sha256: d
+            .artifact
+            .as_ref()
+            .map(|a| a.sha256.clone())
+            .or_else(|| resumed.and_then(|s| s.artifact_sha256.clone())),
+        batch: d.batch,
+        on_failure: d.on_failure,
+        max_failed_hosts: d.max_failed_hosts,
+        controller: held.me.owner.clone(),
+        started: journal::now_secs(),
+        updated: journal::now_secs(),
+        status: Status::Running,
+        before,
+        hosts: BTreeMap::new(),
+        out_of_pool: Vec::new(),
+        balancers,
+        live_slot: reconciled.live_slot_before.or(live_slot),
+        found: match inv.discovery {
+            Some(_) => inv
+                .hosts
+                .iter()
+                .map(|h| FoundHost {
+                    name: h.name.clone(),
+                    address: h.address.clone(),
+                })
+                .collect(),
+            None => Vec::new(),
+        },
+    };
+    let store = JournalAndLockHost {
+        session: sessions[&inv.balancer.lock_host].clone(),
+        state_dir: inv.balancer.state_dir.clone(),
+        journal: Some(journal.clone()),
+    };
+    let executor = Executor::new(ExecutorInput {
+        plan: &plan,
+        balancer,
+        health: &HttpOverSsh,
+        sessions,
+        reporter: reporter.clone(),
+        options: Options {
+            on_failure: d.on_failure,
+            max_failed_hosts: d.max_failed_hosts,
+            resume_hint: d.hints.resume.clone(),
+            recover_hint: d.hints.recover.clone(),
+            rollout_id: rollout_id.to_string(),
+        },
+        interrupt: held.interrupt.clone(),
+        state: Some(KeptState {
+            store: &store,
+            initial: state,
+        }),
+        observed: &observed,
+    });
+    let report = executor.run().await?;
+    if matches!(d.kind, Kind::Recover(_))
+        && report.outcome == Outcome::Succeeded
+        && let Some(mut state) = executor.last_state()
+    {
+        state.status = Status::Recovered;
+        store.save(&state).await;
+    }
+    reporter.finish(&report);
+    Ok(Finished {
+        report,
+        journal: journal.path().to_path_buf(),
+    })
+}
