@@ -261,7 +261,7 @@ fn report_error(error: &Error, output: Output) {
             Error::Discovery(_) => serde_json::json!({ "kind": "discovery" }),
             Error::DiscoveryFailed(_) => serde_json::json!({ "kind": "discovery-failed" }),
             Error::SwitchBackRefused { slot, live, hosts } => serde_json::json!({
-                "kind": "switch-back-refused", "slot": slot, "live": live, "hosts": hosts
+                "kind": "switch-back-refused", "slot": slot.as_str(), "live": live.as_str(), "hosts": hosts
             }),
         };
         println!(

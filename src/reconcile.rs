@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::commands::Hints;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Unfinished};
 use crate::inventory::{Slot, Strategy};
 use crate::journal::{Progress, RolloutState};
 
@@ -59,14 +59,12 @@ pub fn reconcile(
     for state in [prior, asked.carried_on()].into_iter().flatten() {
         if state.status.unfinished() && !state.balancers.is_empty() && state.balancers != balancers
         {
-            return Err(Error::Unfinished(format!(
-                "rollout {} of {} was run with the load balancers [{}], this inventory names [{}]: \
-                 finish it with the inventory it was started with",
-                state.id,
-                state.release,
-                state.balancers.join(", "),
-                balancers.join(", ")
-            )));
+            return Err(Error::from(Unfinished::OtherBalancers {
+                id: state.id.clone(),
+                release: state.release.clone(),
+                theirs: state.balancers.clone(),
+                ours: balancers.to_vec(),
+            }));
         }
     }
     let previous = match (asked, prior) {
@@ -74,10 +72,13 @@ pub fn reconcile(
         (Asked::SwitchBack, _) => None,
         (Asked::Rollout { id, release }, Some(p)) if p.status.stranded() && p.id != id => {
             if p.release != release {
-                return Err(Error::Unfinished(format!(
-                    "rollout {} of {} is unfinished ({:?}); finish it with `{}` or undo it with `{}` first",
-                    p.id, p.release, p.status, hints.resume, hints.recover
-                )));
+                return Err(Error::from(Unfinished::InTheWay {
+                    id: p.id.clone(),
+                    release: p.release.clone(),
+                    status: p.status,
+                    resume_hint: hints.resume.clone(),
+                    recover_hint: hints.recover.clone(),
+                }));
             }
             // The same release again: pick up where that one stopped.
             Some(p)
@@ -157,13 +158,12 @@ pub fn slot_recovery(
 ) -> Result<SlotRecovery> {
     debug_assert_eq!(state.strategy, Strategy::BlueGreen);
     match state.live_slot {
-        None => Err(Error::Unfinished(format!(
-            "rollout {} of {} recorded no live slot, so roller cannot tell where traffic was before it; traffic is on {}: run `{switch_back_hint}` to move it to {}",
-            state.id,
-            state.release,
-            live.as_str(),
-            live.other().as_str()
-        ))),
+        None => Err(Error::from(Unfinished::NoLiveSlot {
+            id: state.id.clone(),
+            release: state.release.clone(),
+            live,
+            switch_back_hint: switch_back_hint.to_string(),
+        })),
         Some(before) if before == live => Ok(SlotRecovery::Stay),
         Some(_) => Ok(SlotRecovery::MoveBack),
     }
@@ -282,7 +282,10 @@ mod tests {
             let before = prior(status);
             let err = reconcile(rollout("v3"), Some(&before), &balancers(), &hints()).unwrap_err();
             let message = err.to_string();
-            assert!(matches!(err, Error::Unfinished(_)), "{err:?}");
+            assert!(
+                matches!(&err, Error::Unfinished(u) if matches!(&**u, Unfinished::InTheWay { release, .. } if release == "v2")),
+                "{err:?}"
+            );
             assert!(message.contains("of v2 is unfinished"), "{message}");
             assert!(
                 message.contains("roller resume --inventory roller.toml"),

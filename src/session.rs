@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::error::{Error, HostFailure, Result};
+use crate::error::{Error, HostFailure, Locked, Result, StateError};
 use crate::executor::{self, Interrupt, Sessions};
 use crate::inventory::Inventory;
 use crate::journal::Journal;
@@ -94,9 +94,9 @@ async fn locked<T>(
     let (acquired, sent) = match acquired {
         Ok((_, acquired, sent)) => (acquired, sent),
         Err(e @ (LockError::Held { .. } | LockError::OtherBalancers { .. })) => {
-            return Err(Error::Locked(e.to_string()));
+            return Err(Error::from(Locked::Held(e)));
         }
-        Err(e) => return Err(Error::State(e.to_string())),
+        Err(e) => return Err(Error::from(StateError::Lock(e))),
     };
     if let Acquired::TookOver { expired } = &acquired {
         eprintln!("warning: took over an expired deploy lock from {expired}");
@@ -143,11 +143,10 @@ async fn locked<T>(
     let result = body(&held).await;
     keeper.stop().await;
     if let Some(reason) = lost_reason.borrow().clone() {
-        return Err(Error::Locked(format!(
-            "{reason}; every command after that was refused, so this controller changed nothing more. \
-             Whoever holds the lock now finishes the rollout; see `{}`",
-            hold.resume_hint
-        )));
+        return Err(Error::from(Locked::Lost {
+            reason,
+            resume_hint: hold.resume_hint.to_string(),
+        }));
     }
     if let Err(e) = lock::release(lb.as_ref(), &spec, &held.me.token).await {
         eprintln!("warning: could not release the deploy lock: {e}");

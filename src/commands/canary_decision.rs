@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::read_state;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, StateError, Unfinished};
 use crate::inventory::Inventory;
 use crate::journal::{RolloutState, Status};
 use crate::remote::quote;
@@ -32,34 +32,33 @@ impl Decision {
 /// Leaves `decision` for the running rollout, naming it so that a stale word never applies to
 /// the next one, and returns that rollout's state.
 pub async fn decide(inventory: &Inventory, decision: Decision) -> Result<RolloutState> {
-    let decision = decision.as_str();
     let lb = session::connect_lock_host(inventory).await?;
     let result = async {
         let state = read_state(lb.as_ref(), inventory)
             .await?
             .filter(|s| s.status == Status::Running)
             .ok_or_else(|| {
-                Error::Unfinished(format!(
-                    "no rollout of {} is running: nothing to {decision}",
-                    inventory.app.name
-                ))
+                Error::from(Unfinished::NotRunning {
+                    app: inventory.app.name.clone(),
+                    decision: decision.as_str(),
+                })
             })?;
         let file = crate::plan::decision_file(inventory);
         let command = format!(
             "umask 077; mkdir -p -m 700 {} && printf '%s\\n' {} > {}",
             quote(&inventory.balancer.state_dir),
-            quote(&format!("{decision} {}", state.id)),
+            quote(&format!("{} {}", decision.as_str(), state.id)),
             quote(&file)
         );
         let out = lb
             .exec(&command, None, Duration::from_secs(30))
             .await
-            .map_err(|e| Error::State(e.to_string()))?;
+            .map_err(|e| Error::from(StateError::Decision(e)))?;
         if !out.success() {
-            return Err(Error::State(format!(
-                "cannot write {file}: {}",
-                out.stderr_text()
-            )));
+            return Err(Error::from(StateError::DecisionRefused {
+                file,
+                stderr: out.stderr_text(),
+            }));
         }
         Ok(state)
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use super::{Control, Display, Finished, Hints, read_state, resume, switch_back};
 use crate::balancer::Nginx;
 use crate::discovery::FoundHost;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, StateError};
 use crate::executor::{
     self, Executor, ExecutorInput, FailurePolicy, JournalAndLockHost, KeptState, Options,
     StateStore,
@@ -105,11 +105,11 @@ async fn locked(
     let inv = &d.inventory;
     let sessions = &held.sessions;
     let journal = Arc::new(
-        Journal::create(journal_dir, &inv.app.name, rollout_id).map_err(|e| {
-            Error::State(format!(
-                "cannot write the journal in {}: {e}",
-                journal_dir.display()
-            ))
+        Journal::create(journal_dir, &inv.app.name, rollout_id).map_err(|source| {
+            Error::from(StateError::JournalWrite {
+                dir: journal_dir.to_path_buf(),
+                source,
+            })
         })?,
     );
     journal.record(

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, StateError};
 use crate::inventory::Inventory;
 use crate::journal::{self, Journal, RolloutState};
 use crate::report::{Reporter, RolloutReport};
@@ -81,12 +81,15 @@ pub async fn read_state(lb: &dyn Transport, inv: &Inventory) -> Result<Option<Ro
     let out = lb
         .exec(&command, None, Duration::from_secs(30))
         .await
-        .map_err(|e| Error::State(format!("cannot read the rollout state: {e}")))?;
+        .map_err(|e| {
+            Error::from(StateError::Read {
+                reason: e.to_string(),
+            })
+        })?;
     if !out.success() {
-        return Err(Error::State(format!(
-            "cannot read the rollout state: {}",
-            out.stderr_text()
-        )));
+        return Err(Error::from(StateError::Read {
+            reason: out.stderr_text(),
+        }));
     }
     if out.stdout.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
@@ -96,8 +99,12 @@ pub async fn read_state(lb: &dyn Transport, inv: &Inventory) -> Result<Option<Ro
         inv.balancer.lock_host,
         journal::state_file(&inv.balancer.state_dir, &inv.app.name)
     );
-    let state = serde_json::from_slice(&out.stdout)
-        .map_err(|e| Error::State(format!("the rollout state {file} is unreadable: {e}")))?;
+    let state = serde_json::from_slice(&out.stdout).map_err(|e| {
+        Error::from(StateError::Unreadable {
+            file: file.clone(),
+            reason: e.to_string(),
+        })
+    })?;
     trusted(state, inv, &file).map(Some)
 }
 
@@ -108,13 +115,8 @@ pub fn trusted(state: RolloutState, inv: &Inventory, file: &str) -> Result<Rollo
     if problems.is_empty() {
         return Ok(state);
     }
-    Err(Error::State(format!(
-        "refusing the rollout state {file}: it was not written by roller as it stands, nothing was done:\n{}\n\
-         inspect the file, and put the fleet in order by hand if it was tampered with",
-        problems
-            .iter()
-            .map(|p| format!("  - {p}"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    )))
+    Err(Error::from(StateError::Refused {
+        file: file.to_string(),
+        problems,
+    }))
 }

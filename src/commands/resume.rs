@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::deploy::{self, Deploy, Kind};
 use super::{Control, Display, Finished, Hints, read_state, trusted};
 use crate::discovery;
-use crate::error::{Error, HostFailure, Result};
+use crate::error::{Error, HostFailure, Result, StateError, Unfinished};
 use crate::executor::Sessions;
 use crate::inventory::Inventory;
 use crate::journal::{Journal, RolloutState};
@@ -44,24 +44,34 @@ pub async fn run(request: ResumeRequest, display: Display<'_>) -> Result<Finishe
     let state = match &journal {
         Some(path) => {
             let state = Journal::last_state(path)
-                .map_err(|e| Error::State(format!("cannot read journal {}: {e}", path.display())))?
+                .map_err(|source| {
+                    Error::from(StateError::JournalRead {
+                        path: path.clone(),
+                        source,
+                    })
+                })?
                 .ok_or_else(|| {
-                    Error::Unfinished(format!("journal {} holds no rollout state", path.display()))
+                    Error::from(Unfinished::EmptyJournal {
+                        journal: path.clone(),
+                    })
                 })?;
             trusted(state, &inventory, &path.display().to_string())?
         }
         None => read_remote_state(&inventory).await?.ok_or_else(|| {
-            Error::Unfinished(format!(
-                "no rollout of {} is recorded on {}: nothing to {verb}",
-                inventory.app.name, inventory.balancer.lock_host,
-            ))
+            Error::from(Unfinished::NoneRecorded {
+                app: inventory.app.name.clone(),
+                lock_host: inventory.balancer.lock_host.clone(),
+                verb,
+            })
         })?,
     };
     if !state.status.unfinished() {
-        return Err(Error::Unfinished(format!(
-            "rollout {} of {} already ended ({:?}): nothing to {verb}",
-            state.id, state.release, state.status,
-        )));
+        return Err(Error::from(Unfinished::AlreadyEnded {
+            id: state.id,
+            release: state.release,
+            status: state.status,
+            verb,
+        }));
     }
     let artifact = if recover {
         None
@@ -129,10 +139,9 @@ fn recorded_hosts(inventory: &mut Inventory, state: &RolloutState) -> Result<()>
         return Ok(());
     };
     if state.found.is_empty() {
-        return Err(Error::State(format!(
-            "rollout {} records no hosts, but the inventory finds its hosts through [discovery]: it was started with [[hosts]]; list them again to finish it",
-            state.id
-        )));
+        return Err(Error::from(StateError::NoRecordedHosts {
+            id: state.id.clone(),
+        }));
     }
     inventory.hosts = discovery::into_hosts(&state.found, discovery.user());
     Ok(())

@@ -83,8 +83,8 @@ pub(super) async fn refuse_silent_slot(
         return Ok(());
     }
     Err(Error::SwitchBackRefused {
-        slot: back.as_str().to_string(),
-        live: live.as_str().to_string(),
+        slot: back,
+        live,
         hosts: silent,
     })
 }

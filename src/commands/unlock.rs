@@ -1,7 +1,7 @@
 //! `roller unlock`: removes the deploy lock whoever holds it, for the operator who knows its
 //! holder is gone; the removal is recorded beside the lock take-overs.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, StateError};
 use crate::inventory::Inventory;
 use crate::journal::Journal;
 use crate::lock::{self, LockInfo};
@@ -12,7 +12,7 @@ pub async fn unlock(inventory: &Inventory) -> Result<Option<LockInfo>> {
     let lb = session::connect_lock_host(inventory).await?;
     let removed = lock::unlock(lb.as_ref(), &session::lock_spec(inventory))
         .await
-        .map_err(|e| Error::State(e.to_string()));
+        .map_err(|e| Error::from(StateError::Lock(e)));
     lb.close().await;
     let removed = removed?;
     session::record_lock_event(
