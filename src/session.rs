@@ -172,25 +172,26 @@ pub fn lock_spec(inv: &Inventory) -> LockSpec {
 }
 
 fn connector(inv: &Inventory) -> Result<SshConnector> {
-    SshConnector::new(SshSettings {
-        user: inv.ssh.user.clone(),
-        identity: inv.ssh.identity.clone(),
-        identity_passphrase: None,
-        known_hosts: inv.ssh.known_hosts.clone(),
-        connect_timeout: inv.ssh.connect_timeout,
-        max_channels_per_host: 8,
-        max_concurrent_connects: 8,
-        allow_sha1_rsa: inv.ssh.allow_sha1_rsa,
-        proxy_jump: Vec::new(),
-        proxy_command: None,
-    })
-    .map_err(|e| Error::Preflight {
+    let setup_failed = |message: String| Error::Preflight {
         failures: vec![HostFailure {
             host: "(controller)".into(),
             step: "ssh setup".into(),
-            message: e.to_string(),
+            message,
         }],
+    };
+    SshConnector::new(SshSettings {
+        user: inv.ssh.user.clone(),
+        identity: inv.ssh.identity.clone(),
+        identity_passphrase: inv.ssh.identity_passphrase().map_err(setup_failed)?,
+        known_hosts: inv.ssh.known_hosts.clone(),
+        connect_timeout: inv.ssh.connect_timeout,
+        max_channels_per_host: 8,
+        max_concurrent_connects: inv.ssh.max_concurrent_connects,
+        allow_sha1_rsa: inv.ssh.allow_sha1_rsa,
+        proxy_jump: inv.ssh.proxy_jump.clone(),
+        proxy_command: inv.ssh.proxy_command.clone(),
     })
+    .map_err(|e| setup_failed(e.to_string()))
 }
 
 /// One connection to the lock host alone, without taking the lock: for the commands that only
