@@ -15,7 +15,6 @@ use crate::discovery::{FoundHost, check_unique};
 use crate::executor::FailurePolicy;
 use crate::inventory::Inventory;
 use crate::plan::{BatchSize, is_release};
-use crate::remote::quote;
 use crate::report::{Event, Reporter, RolloutReport};
 
 /// How far a host got in the rollout that is (or was) running.
@@ -292,23 +291,14 @@ pub fn state_file(state_dir: &str, app: &str) -> String {
     format!("{state_dir}/{app}.rollout.json")
 }
 
-/// Replaces the summary atomically with the JSON on stdin, through a temporary file of its own
-/// in the same directory (`mktemp`: two writers never share one), readable by the SSH user only.
+/// Replaces the summary atomically with the JSON on stdin.
 pub fn write_state_command(state_dir: &str, app: &str) -> String {
-    let file = state_file(state_dir, app);
-    format!(
-        "umask 077; mkdir -p -m 700 {dir} && t=$(mktemp {template}) && \
-         {{ cat > \"$t\" && mv -f \"$t\" {file} || {{ rm -f \"$t\"; exit 1; }}; }}",
-        dir = quote(state_dir),
-        template = quote(&format!("{file}.XXXXXX")),
-        file = quote(&file),
-    )
+    crate::remote::state::write(state_dir, &state_file(state_dir, app))
 }
 
 /// Prints the summary, or nothing when there is none.
 pub fn read_state_command(state_dir: &str, app: &str) -> String {
-    let file = quote(&state_file(state_dir, app));
-    format!("if [ -f {file} ]; then cat {file}; fi")
+    crate::remote::state::read(&state_file(state_dir, app))
 }
 
 /// The local, append-only record of one rollout: one JSON document per line.

@@ -7,7 +7,6 @@ use super::read_state;
 use crate::error::{Error, Result, StateError, Unfinished};
 use crate::inventory::Inventory;
 use crate::journal::{RolloutState, Status};
-use crate::remote::quote;
 use crate::session;
 
 /// What the operator tells a paused canary.
@@ -44,11 +43,10 @@ pub async fn decide(inventory: &Inventory, decision: Decision) -> Result<Rollout
                 })
             })?;
         let file = crate::plan::decision_file(inventory);
-        let command = format!(
-            "umask 077; mkdir -p -m 700 {} && printf '%s\\n' {} > {}",
-            quote(&inventory.balancer.state_dir),
-            quote(&format!("{} {}", decision.as_str(), state.id)),
-            quote(&file)
+        let command = crate::remote::state::decide(
+            &inventory.balancer.state_dir,
+            &file,
+            &format!("{} {}", decision.as_str(), state.id),
         );
         let out = lb
             .exec(&command, None, Duration::from_secs(30))
