@@ -94,6 +94,11 @@ pub fn journal_dir(inventory: &Path) -> PathBuf {
 
 /// `roller resume` / `recover` / `unlock` with the fleet's inventory and journal directory.
 pub fn admin(command: &str, inventory: &Path, extra: &[&str]) -> Run {
+    roller(&admin_args(command, inventory, extra))
+}
+
+/// The arguments [`admin`] runs roller with.
+pub fn admin_args(command: &str, inventory: &Path, extra: &[&str]) -> Vec<String> {
     let mut args = vec![
         command.to_string(),
         "--inventory".into(),
@@ -106,7 +111,7 @@ pub fn admin(command: &str, inventory: &Path, extra: &[&str]) -> Run {
         ]);
     }
     args.extend(extra.iter().map(|s| s.to_string()));
-    roller(&args)
+    args
 }
 
 /// The fleet's inventory with some keys replaced, written beside it.
@@ -196,8 +201,17 @@ impl Drop for Running {
 
 impl Running {
     pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Running {
+        Running::start_with_env(args, &[])
+    }
+
+    /// With these variables added to roller's environment (an API endpoint, credentials).
+    pub fn start_with_env<S: AsRef<std::ffi::OsStr>>(
+        args: &[S],
+        env: &[(String, String)],
+    ) -> Running {
         let mut child = Command::new(env!("CARGO_BIN_EXE_roller"))
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .args(["--output", "json"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
