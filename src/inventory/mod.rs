@@ -232,7 +232,7 @@ pub struct Host {
     /// How this host is reached where it differs from `[ssh]`.
     #[serde(skip_serializing_if = "HostReach::is_default")]
     pub reach: HostReach,
-    /// Words to select hosts by (`--tag`).
+    /// Labels of the host (`tags`), kept with it in the plan.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
 }

@@ -160,7 +160,7 @@ impl Reader {
         }
     }
 
-    /// Tags a host carries, to select hosts by (`--tag`).
+    /// Labels a host carries (`tags = ["az-a"]`), kept with it in the plan.
     pub(super) fn tags(&mut self, t: &Table, section: &str) -> Vec<String> {
         let path = join(section, "tags");
         let Some(value) = t.get("tags") else {
