@@ -37,6 +37,8 @@ pub const DEFAULT_MAX_CHANNELS_PER_HOST: usize = 8;
 pub const DEFAULT_MAX_CONCURRENT_CONNECTS: usize = 8;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How long a failed proxy command's stderr is awaited for the error message.
+const PROXY_STDERR_WAIT: Duration = Duration::from_millis(500);
 /// Unanswered keepalives after which a connection counts as lost.
 const KEEPALIVE_MAX: usize = 3;
 /// AES-GCM first: with AES-NI it uploaded a 100 MiB jar ~40% faster than russh's default
@@ -186,14 +188,18 @@ impl SshConnector {
             let stream = proxy_command::spawn(template, endpoint, user).map_err(Attempt::Fatal)?;
             let stderr = stream.stderr();
             let connected = client::connect_stream(self.config.clone(), stream, policy).await;
-            self.handshaken(connected, &verdict, endpoint)
-                .await
-                .map_err(|attempt| match attempt {
-                    Attempt::Transient(why) if !stderr.text().is_empty() => Attempt::Transient(
-                        format!("{why}; ssh.proxy_command said: {}", stderr.text()),
-                    ),
-                    other => other,
-                })?
+            match self.handshaken(connected, &verdict, endpoint).await {
+                Ok(handle) => handle,
+                Err(Attempt::Transient(why)) => {
+                    let said = stderr.settled(PROXY_STDERR_WAIT).await;
+                    return Err(Attempt::Transient(if said.is_empty() {
+                        why
+                    } else {
+                        format!("{why}; ssh.proxy_command said: {said}")
+                    }));
+                }
+                Err(other) => return Err(other),
+            }
         } else if hops.is_empty() {
             let connected = client::connect(
                 self.config.clone(),

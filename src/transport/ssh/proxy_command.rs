@@ -56,22 +56,31 @@ pub(super) struct ProxyStream {
     stdout: ChildStdout,
     stdin: ChildStdin,
     _child: Child,
-    stderr: Arc<Mutex<Vec<u8>>>,
+    stderr: StderrTail,
 }
 
 impl ProxyStream {
-    /// What the command said on stderr so far (its last few KiB).
+    /// What the command says on stderr (its last few KiB), for error messages.
     pub(super) fn stderr(&self) -> StderrTail {
-        StderrTail(self.stderr.clone())
+        self.stderr.clone()
     }
 }
 
-/// A handle on the command's stderr that outlives the stream, for error messages.
-pub(super) struct StderrTail(Arc<Mutex<Vec<u8>>>);
+/// A handle on the command's stderr that outlives the stream.
+#[derive(Clone)]
+pub(super) struct StderrTail {
+    kept: Arc<Mutex<Vec<u8>>>,
+    /// Becomes true once the command closed its stderr (it exited, as a rule).
+    closed: tokio::sync::watch::Receiver<bool>,
+}
 
 impl StderrTail {
-    pub(super) fn text(&self) -> String {
-        let bytes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+    /// The command's stderr, once it closed it or `wait` passed: a command that failed has
+    /// usually exited, but its last words may still be in the pipe when the connection ends.
+    pub(super) async fn settled(&self, wait: std::time::Duration) -> String {
+        let mut closed = self.closed.clone();
+        let _ = tokio::time::timeout(wait, closed.wait_for(|c| *c)).await;
+        let bytes = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         crate::transport::printable(String::from_utf8_lossy(&bytes).trim())
     }
 }
@@ -107,6 +116,7 @@ pub(super) fn spawn(
         )));
     };
     let kept = Arc::new(Mutex::new(Vec::new()));
+    let (closed_tx, closed) = tokio::sync::watch::channel(false);
     let sink = kept.clone();
     tokio::spawn(async move {
         let mut buf = [0u8; 1024];
@@ -119,12 +129,13 @@ pub(super) fn spawn(
             let excess = kept.len().saturating_sub(STDERR_KEPT);
             kept.drain(..excess);
         }
+        let _ = closed_tx.send(true);
     });
     Ok(ProxyStream {
         stdout,
         stdin,
         _child: child,
-        stderr: kept,
+        stderr: StderrTail { kept, closed },
     })
 }
 
