@@ -218,14 +218,6 @@ hosts = ["10.0.0.5"]
 upstream_file = "/etc/nginx/conf.d/shop.conf"
 "#;
 
-    fn hop(user: Option<&str>, address: &str, port: u16) -> Hop {
-        Hop {
-            user: user.map(str::to_string),
-            address: address.into(),
-            port,
-        }
-    }
-
     #[test]
     fn a_fleet_behind_a_bastion_with_per_host_exceptions() {
         let text = format!(
@@ -253,7 +245,7 @@ tags = ["az-b"]
         let inv = Inventory::parse(&text).unwrap();
         assert_eq!(
             inv.ssh.proxy_jump,
-            vec![hop(Some("ops"), "bastion.example.com", 2222)]
+            vec![Hop::new(Some("ops"), "bastion.example.com", 2222)]
         );
         assert_eq!(inv.ssh.max_concurrent_connects, 4);
         assert_eq!(

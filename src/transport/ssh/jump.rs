@@ -27,6 +27,16 @@ pub struct Hop {
     pub port: u16,
 }
 
+impl Hop {
+    pub fn new(user: Option<&str>, address: &str, port: u16) -> Hop {
+        Hop {
+            user: user.map(str::to_string),
+            address: address.to_string(),
+            port,
+        }
+    }
+}
+
 impl fmt::Display for Hop {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(user) = &self.user {
@@ -230,38 +240,30 @@ async fn forward(
 mod tests {
     use super::*;
 
-    fn hop(user: Option<&str>, address: &str, port: u16) -> Hop {
-        Hop {
-            user: user.map(str::to_string),
-            address: address.into(),
-            port,
-        }
-    }
-
     #[test]
     fn proxy_jump_reads_as_openssh_writes_it() {
         assert_eq!(
             parse_proxy_jump("ec2-user@bastion.example.com:2200").unwrap(),
-            vec![hop(Some("ec2-user"), "bastion.example.com", 2200)]
+            vec![Hop::new(Some("ec2-user"), "bastion.example.com", 2200)]
         );
         assert_eq!(
             parse_proxy_jump("jump1, ops@[fd00::1]:22,ssh://10.0.0.5").unwrap(),
             vec![
-                hop(None, "jump1", 22),
-                hop(Some("ops"), "fd00::1", 22),
-                hop(None, "10.0.0.5", 22)
+                Hop::new(None, "jump1", 22),
+                Hop::new(Some("ops"), "fd00::1", 22),
+                Hop::new(None, "10.0.0.5", 22)
             ]
         );
         assert_eq!(
             parse_proxy_jump("fd00::7").unwrap(),
-            vec![hop(None, "fd00::7", 22)]
+            vec![Hop::new(None, "fd00::7", 22)]
         );
         assert_eq!(parse_proxy_jump("none").unwrap(), vec![]);
         assert_eq!(
-            hop(Some("ops"), "fd00::1", 2200).to_string(),
+            Hop::new(Some("ops"), "fd00::1", 2200).to_string(),
             "ops@[fd00::1]:2200"
         );
-        assert_eq!(hop(None, "b", 22).to_string(), "b");
+        assert_eq!(Hop::new(None, "b", 22).to_string(), "b");
     }
 
     #[test]
