@@ -64,7 +64,7 @@ pub trait HealthCheck: Send + Sync {
         transport: &dyn Transport,
         spec: &HealthSpec,
         deadline: Duration,
-    ) -> Result<(), String>;
+    ) -> Result<(), ProbeError>;
 
     /// Returns once `spec.successes` consecutive probes passed, or the last observation as the
     /// error once `spec.timeout` has passed.
@@ -85,10 +85,13 @@ impl HealthCheck for HttpOverSsh {
         transport: &dyn Transport,
         spec: &HealthSpec,
         deadline: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), ProbeError> {
         match status(transport, spec, deadline).await {
             Ok(status) if status == spec.expect_status => Ok(()),
-            Ok(status) => Err(format!("HTTP {status}, expected {}", spec.expect_status)),
+            Ok(status) => Err(ProbeError::Unhealthy(format!(
+                "HTTP {status}, expected {}",
+                spec.expect_status
+            ))),
             Err(e) => Err(e),
         }
     }
@@ -121,7 +124,7 @@ impl HealthCheck for HttpOverSsh {
                 }
                 Err(e) => {
                     in_a_row = 0;
-                    last = e;
+                    last = e.to_string();
                 }
             }
             let next = started + spec.interval;
@@ -138,14 +141,18 @@ impl HealthCheck for HttpOverSsh {
     }
 }
 
-/// Begins what a probe reports when the host refused forwarding and the check from the host
-/// itself failed too: no health can be known there, which pre-flight refuses outright rather
-/// than count the host as merely unhealthy.
-pub const CANNOT_CHECK: &str = "checking from the host itself failed";
-
-/// Whether a probe's error says the host's health cannot be checked at all.
-pub fn cannot_check(error: &str) -> bool {
-    error.contains(CANNOT_CHECK)
+/// Why a probe did not find the host healthy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    /// The app answered badly or not at all, or the host could not be asked: a release, or a
+    /// moment, may change that.
+    #[error("{0}")]
+    Unhealthy(String),
+    /// The host refuses port forwarding and has no way to check its app from itself either (no
+    /// curl, wget or bash; a `health.command` its shell cannot run): no health can ever be
+    /// known there, which pre-flight refuses outright.
+    #[error("{0}")]
+    CannotCheck(String),
 }
 
 /// The app's HTTP status, through a forwarded channel or, where the host's sshd refuses
@@ -154,38 +161,43 @@ async fn status(
     transport: &dyn Transport,
     spec: &HealthSpec,
     deadline: Duration,
-) -> Result<u16, String> {
+) -> Result<u16, ProbeError> {
     let refused = match transport
         .http_get(&spec.address, spec.port, &spec.path, deadline)
         .await
     {
         Ok(status) => return Ok(status),
         Err(refused @ TransportError::ForwardingRefused { .. }) => refused,
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(ProbeError::Unhealthy(e.to_string())),
     };
-    let from_host = |why: String| format!("{refused}; {CANNOT_CHECK}: {why}");
+    let unhealthy = |why: String| ProbeError::Unhealthy(format!("{refused}; {why}"));
+    let cannot_check = |why: String| {
+        ProbeError::CannotCheck(format!(
+            "{refused}; checking from the host itself failed: {why}"
+        ))
+    };
     if let Some(command) = &spec.command {
         let out = transport
             .exec(&remote::health::configured(command), None, deadline)
             .await
-            .map_err(|e| from_host(e.to_string()))?;
+            .map_err(|e| unhealthy(format!("health.command on the host: {e}")))?;
         return if out.success() {
             Ok(spec.expect_status)
         } else if matches!(out.status, Some(126 | 127)) {
             // The shell could not run it at all: no health can be known on this host.
-            Err(from_host(format!(
+            Err(cannot_check(format!(
                 "health.command could not run (exit {}): {}",
                 out.status.unwrap_or_default(),
                 out.stderr_text().trim()
             )))
         } else {
             // The command ran and said no: the app is unhealthy, as a 503 would say.
-            Err(format!(
-                "{refused}; health.command on the host exited {}: {}",
+            Err(unhealthy(format!(
+                "health.command on the host exited {}: {}",
                 out.status
                     .map_or("without a status".into(), |s| s.to_string()),
                 out.stderr_text().trim()
-            ))
+            )))
         };
     }
     let command =
@@ -193,14 +205,14 @@ async fn status(
     let out = transport
         .exec(&command, None, deadline)
         .await
-        .map_err(|e| from_host(e.to_string()))?;
+        .map_err(|e| unhealthy(format!("from the host itself: {e}")))?;
     match out.stdout_text().trim().parse::<u16>() {
         Ok(status) if (100..600).contains(&status) => Ok(status),
         // Nothing answered: the app is down, which a rollout may well fix.
-        _ if out.status != Some(remote::health::NO_CLIENT) => Err(format!(
-            "{refused}; from the host itself: no HTTP answer from {}:{}",
+        _ if out.status != Some(remote::health::NO_CLIENT) => Err(unhealthy(format!(
+            "from the host itself: no HTTP answer from {}:{}",
             spec.address, spec.port
-        )),
-        _ => Err(from_host(out.stderr_text().trim().to_string())),
+        ))),
+        _ => Err(cannot_check(out.stderr_text().trim().to_string())),
     }
 }

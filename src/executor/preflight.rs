@@ -201,7 +201,7 @@ pub async fn preflight(
         // health cannot be checked at all would fail every health check the rollout makes.
         let healthy = match probe {
             Ok(()) => true,
-            Err(e) if crate::health::cannot_check(&e) => {
+            Err(e @ crate::health::ProbeError::CannotCheck(_)) => {
                 failures.push(HostFailure {
                     host: name.clone(),
                     step: "preflight".into(),
