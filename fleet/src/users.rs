@@ -119,7 +119,7 @@ pub fn ensure(login: Login) -> anyhow::Result<Account> {
     let user = login.user();
     let shell = proc::find_program(login.shell()).with_context(|| {
         format!(
-            "the local fleet has a host whose user logs in with {}; install it (.ci/run does)",
+            "the local fleet has a host whose user logs in with {}; install it (cargo xtask test does)",
             login.shell()
         )
     })?;
@@ -250,7 +250,9 @@ fn allow_sudo(user: &str, tag: &str, commands: &[String]) -> anyhow::Result<()> 
             run.stdout.trim(),
             run.stderr.trim()
         )),
-        Err(e) => Err(e.context("running visudo (is sudo installed? .ci/run installs it)")),
+        Err(e) => {
+            Err(e.context("running visudo (is sudo installed? cargo xtask test installs it)"))
+        }
     };
     if let Err(e) = checked.and_then(|()| Ok(std::fs::rename(&partial, &path)?)) {
         let _ = std::fs::remove_file(&partial);
