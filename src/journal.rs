@@ -104,6 +104,10 @@ pub struct RolloutState {
     /// on a fresh answer from the API, which may have changed as the group scaled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub found: Vec<FoundHost>,
+    /// The hosts `--hosts` / `--tag` selected, sorted; empty for every host. `resume` and
+    /// `recover` act on these alone, as the rollout did.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub selected: Vec<String>,
 }
 
 /// Whether `s` is what [`crate::lock::new_id`] makes: 32 lowercase hex digits.
@@ -204,7 +208,12 @@ impl RolloutState {
                 ));
             }
         }
-        for host in self.hosts.keys().chain(&self.out_of_pool) {
+        for host in self
+            .hosts
+            .keys()
+            .chain(&self.out_of_pool)
+            .chain(&self.selected)
+        {
             if !known(host) {
                 problems.push(format!(
                     "hosts names {}, not a host of the inventory",
@@ -477,6 +486,7 @@ mod tests {
                 name: "web-1".into(),
                 address: "10.0.1.11".into(),
             }],
+            selected: vec!["web-1".into()],
         };
         let journal = Journal::create(dir.path(), "shop", &state.id).unwrap();
         journal.record_state(&state);

@@ -22,6 +22,7 @@ pub mod plan;
 pub mod reconcile;
 pub mod remote;
 pub mod report;
+pub mod selection;
 pub mod session;
 pub mod transport;
 

@@ -21,6 +21,7 @@ use roller::executor::FailurePolicy;
 use roller::inventory::{Inventory, Strategy};
 use roller::plan::BatchSize;
 use roller::report::{JsonReporter, Outcome, PlainReporter, ProgressReporter, Reporter};
+use roller::selection::Selection;
 
 /// Exit codes, documented in the README.
 mod exit {
@@ -76,10 +77,33 @@ struct Common {
     output: Output,
 }
 
+/// Which hosts a command acts on.
+#[derive(Args)]
+struct Select {
+    /// Only these hosts, by inventory name (comma-separated or repeated) [default: every host].
+    #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
+    hosts: Vec<String>,
+    /// Only hosts carrying one of these tags (`tags` on `[[hosts]]`); with --hosts, a host must
+    /// match both.
+    #[arg(long = "tag", value_delimiter = ',', value_name = "TAG,...")]
+    tags: Vec<String>,
+}
+
+impl Select {
+    fn to_lib(&self) -> Selection {
+        Selection {
+            hosts: self.hosts.clone(),
+            tags: self.tags.clone(),
+        }
+    }
+}
+
 #[derive(Args)]
 struct PlanArgs {
     #[command(flatten)]
     common: Common,
+    #[command(flatten)]
+    select: Select,
     /// The jar to roll out. `plan` accepts its absence when --release is given.
     #[arg(long, short = 'a')]
     artifact: Option<PathBuf>,
@@ -125,6 +149,9 @@ struct RolloutArgs {
 struct ResumeArgs {
     #[command(flatten)]
     common: Common,
+    /// Refused: resume and recover act on the hosts their rollout recorded.
+    #[command(flatten)]
+    select: Select,
     #[command(flatten)]
     control: Control,
     /// Read the rollout's state from this local journal instead of the load balancer.
@@ -145,6 +172,9 @@ struct UnlockArgs {
 struct SwitchBackArgs {
     #[command(flatten)]
     common: Common,
+    /// Refused: a switch-back moves every host's traffic at once.
+    #[command(flatten)]
+    select: Select,
     #[command(flatten)]
     control: Control,
 }
@@ -316,6 +346,7 @@ async fn plan_command(args: &PlanArgs) -> Result<u8, Error> {
         release: args.release.clone(),
         batch: args.batch,
         strategy: args.strategy,
+        selection: args.select.to_lib(),
     })?;
     match args.common.output {
         Output::Text => print!("{}", plan.render_text()),
@@ -340,6 +371,7 @@ async fn rollout_command(args: &RolloutArgs) -> Result<u8, Error> {
         max_failed_hosts: args.max_failed_hosts,
         pause: args.pause,
         control: args.control.to_lib(),
+        selection: args.plan.select.to_lib(),
     };
     let display = display(common.output);
     finished(
@@ -349,6 +381,10 @@ async fn rollout_command(args: &RolloutArgs) -> Result<u8, Error> {
 }
 
 async fn resume_command(args: &ResumeArgs, recover: bool) -> Result<u8, Error> {
+    args.select.to_lib().refuse(
+        if recover { "recover" } else { "resume" },
+        "it acts on the hosts its rollout recorded (a rollout started with --hosts or --tag records its selection)",
+    )?;
     let request = ResumeRequest {
         inventory: Inventory::load(&args.common.inventory)?,
         inventory_path: args.common.inventory.clone(),
@@ -365,6 +401,9 @@ async fn resume_command(args: &ResumeArgs, recover: bool) -> Result<u8, Error> {
 }
 
 async fn switch_back_command(args: &SwitchBackArgs) -> Result<u8, Error> {
+    args.select
+        .to_lib()
+        .refuse("switch-back", "it moves every host's traffic at once")?;
     let request = SwitchBackRequest {
         inventory: load_inventory(&args.common).await?,
         inventory_path: args.common.inventory.clone(),

@@ -232,6 +232,7 @@ mod tests {
             balancers: balancers(),
             live_slot: None,
             found: Vec::new(),
+            selected: Vec::new(),
         }
     }
 

@@ -117,7 +117,23 @@ impl RolloutReport {
             .map(|f| format!(" at batch {}: {}", f.batch, f.failure))
             .unwrap_or_default();
         match self.outcome {
-            Outcome::Succeeded => format!("release {} is live on every host", self.release),
+            Outcome::Succeeded => {
+                let left: Vec<&str> = self
+                    .hosts
+                    .iter()
+                    .filter(|h| h.outcome == HostOutcome::Untouched)
+                    .map(|h| h.name.as_str())
+                    .collect();
+                if left.is_empty() {
+                    format!("release {} is live on every host", self.release)
+                } else {
+                    format!(
+                        "release {} is live on every selected host; {} not selected, left as they were",
+                        self.release,
+                        left.join(", ")
+                    )
+                }
+            }
             Outcome::RolledBack if self.failure.is_none() => {
                 let back: Vec<&str> = self
                     .hosts

@@ -233,3 +233,72 @@ fn the_single_instance_blue_green_example_plans_a_slot_switch() {
     let text_plan = roller(&["plan", "-i", inventory, "--release", "v2"]);
     insta::assert_snapshot!(text(&text_plan.stdout));
 }
+
+#[test]
+fn a_host_selection_plans_only_the_selected_hosts() {
+    let out = roller(&[
+        "plan",
+        "-i",
+        &example(),
+        "--release",
+        "v2",
+        "--tag",
+        "az-b",
+        "--output",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        plan["skipped"],
+        serde_json::json!([{ "host": "web-1", "reason": "not selected (--hosts, --tag)", "not_selected": true }])
+    );
+    let batched: Vec<&serde_json::Value> = plan["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|b| b["hosts"].as_array().unwrap())
+        .collect();
+    assert_eq!(batched, ["web-2"]);
+    let prune: Vec<&serde_json::Value> = plan["finish"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| &s["target"])
+        .collect();
+    assert_eq!(prune, ["web-2"]);
+}
+
+#[test]
+fn a_selection_that_matches_nothing_or_cannot_apply_exits_2() {
+    let inv = example();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["plan", "--release", "v2", "--tag", "az-z"],
+            "--tag az-z selects no host of the inventory",
+        ),
+        (
+            &["plan", "--release", "v2", "--hosts", "web-1,web-9"],
+            "no host named web-9 in the inventory",
+        ),
+        (
+            &["resume", "--hosts", "web-1"],
+            "`roller resume` takes no host selection: it acts on the hosts its rollout recorded",
+        ),
+        (
+            &["recover", "--tag", "az-b"],
+            "`roller recover` takes no host selection",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut all = vec![args[0], "-i", &inv];
+        all.extend(&args[1..]);
+        let out = roller(&all);
+        assert_eq!(out.status.code(), Some(2), "{all:?}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains(expected),
+            "{all:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}

@@ -5,7 +5,7 @@
 //! A rollout, a resumed rollout, a recovery and a switch-back differ only in their [`Kind`]:
 //! which state they carry on, which targets they aim at, which plan they build.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -41,6 +41,9 @@ pub struct Deploy {
     pub on_failure: FailurePolicy,
     pub max_failed_hosts: usize,
     pub control: Control,
+    /// The hosts this run may change (`--hosts`, `--tag`, or as the rollout recorded them);
+    /// `None` for every host.
+    pub selected: Option<BTreeSet<String>>,
     pub kind: Kind,
 }
 
@@ -179,6 +182,7 @@ async fn locked(
             observed: Some(&observed.hosts),
             unfinished: &reconciled.unfinished,
             targets: recover.as_ref().map(|r| &r.targets),
+            selected: d.selected.as_ref(),
             strategy: inv.strategy,
             live_slot,
             pause: d.pause,
@@ -245,6 +249,7 @@ async fn locked(
                 .collect(),
             None => Vec::new(),
         },
+        selected: d.selected.iter().flatten().cloned().collect(),
     };
     let store = JournalAndLockHost {
         session: sessions[&inv.balancer.lock_host].clone(),

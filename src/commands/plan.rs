@@ -8,6 +8,7 @@ use crate::balancer::Nginx;
 use crate::error::{Error, Result};
 use crate::inventory::{Inventory, Strategy};
 use crate::plan::{Artifact, BatchSize, Plan, PlanInput};
+use crate::selection::Selection;
 
 /// What `roller plan` is asked.
 pub struct PlanRequest {
@@ -17,11 +18,14 @@ pub struct PlanRequest {
     pub batch: BatchSize,
     /// Overrides the inventory's `strategy`.
     pub strategy: Option<Strategy>,
+    /// `--hosts` / `--tag`.
+    pub selection: Selection,
 }
 
 pub fn plan(request: PlanRequest) -> Result<Plan> {
     let mut inventory = request.inventory;
     inventory.strategy = request.strategy.unwrap_or(inventory.strategy);
+    let selected = request.selection.resolve(&inventory)?;
     let balancer = Nginx::new(&inventory.balancer, &inventory.app, &inventory.hosts);
     let artifact = request
         .artifact
@@ -37,6 +41,7 @@ pub fn plan(request: PlanRequest) -> Result<Plan> {
         observed: None,
         unfinished: &BTreeSet::new(),
         targets: None,
+        selected: selected.as_ref(),
         strategy: inventory.strategy,
         live_slot: None,
         pause: false,

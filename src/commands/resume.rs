@@ -80,6 +80,7 @@ pub async fn run(request: ResumeRequest, display: Display<'_>) -> Result<Finishe
     };
     recorded_hosts(&mut inventory, &state)?;
     inventory.strategy = state.strategy;
+    let selected = (!state.selected.is_empty()).then(|| state.selected.iter().cloned().collect());
     let deploy = Deploy {
         inventory,
         hints: Hints::for_inventory(&inventory_path),
@@ -90,6 +91,7 @@ pub async fn run(request: ResumeRequest, display: Display<'_>) -> Result<Finishe
         on_failure: state.on_failure,
         max_failed_hosts: state.max_failed_hosts,
         control,
+        selected,
         kind: if recover {
             Kind::Recover(state)
         } else {

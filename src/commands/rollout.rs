@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::executor::FailurePolicy;
 use crate::inventory::{Inventory, Strategy};
 use crate::plan::{Artifact, BatchSize};
+use crate::selection::Selection;
 
 /// What `roller rollout` is asked.
 pub struct RolloutRequest {
@@ -25,6 +26,8 @@ pub struct RolloutRequest {
     /// Canary: after the last hold, wait for `roller promote` or `roller abort`.
     pub pause: bool,
     pub control: Control,
+    /// `--hosts` / `--tag`.
+    pub selection: Selection,
 }
 
 pub async fn run(request: RolloutRequest, display: Display<'_>) -> Result<Finished> {
@@ -39,6 +42,7 @@ pub async fn run(request: RolloutRequest, display: Display<'_>) -> Result<Finish
             ),
         });
     }
+    let selected = request.selection.resolve(&inventory)?;
     let Some(path) = &request.artifact else {
         return Err(Error::Usage {
             flag: "--artifact".into(),
@@ -57,6 +61,7 @@ pub async fn run(request: RolloutRequest, display: Display<'_>) -> Result<Finish
         on_failure: request.on_failure,
         max_failed_hosts: request.max_failed_hosts,
         control: request.control,
+        selected,
         kind: Kind::Rollout,
     };
     deploy::run(deploy, display).await

@@ -41,6 +41,7 @@ pub async fn run(request: SwitchBackRequest, display: Display<'_>) -> Result<Fin
         on_failure: FailurePolicy::RollbackBatch,
         max_failed_hosts: 0,
         control: request.control,
+        selected: None,
         kind: Kind::SwitchBack,
     };
     deploy::run(deploy, display).await

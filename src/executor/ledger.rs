@@ -40,6 +40,12 @@ impl Ledger {
     /// Every host of the plan as pre-flight found it; skipped hosts are already done.
     pub fn new(plan: &Plan, observed: &FleetAtPreflight) -> Ledger {
         let skipped: BTreeSet<&String> = plan.skipped.iter().map(|s| &s.host).collect();
+        let not_selected: BTreeSet<&String> = plan
+            .skipped
+            .iter()
+            .filter(|s| s.not_selected)
+            .map(|s| &s.host)
+            .collect();
         let hosts = plan
             .hosts
             .iter()
@@ -58,8 +64,16 @@ impl Ledger {
                         },
                         switched: false,
                         in_pool: seen.is_none_or(|o| o.in_pool),
-                        outcome: skip.then_some(HostOutcome::Updated),
-                        note: skip.then(|| "already on the release".to_string()),
+                        outcome: match (skip, not_selected.contains(&h.name)) {
+                            (_, true) => Some(HostOutcome::Untouched),
+                            (true, false) => Some(HostOutcome::Updated),
+                            (false, false) => None,
+                        },
+                        note: match (skip, not_selected.contains(&h.name)) {
+                            (_, true) => Some("not selected (--hosts, --tag)".to_string()),
+                            (true, false) => Some("already on the release".to_string()),
+                            (false, false) => None,
+                        },
                     },
                 )
             })

@@ -27,9 +27,16 @@ impl Plan {
             observed,
             live_slot,
             adopt,
+            selected,
             ..
         } = input;
         validate_release(&release)?;
+        if selected.is_some() {
+            return Err(Error::Usage {
+                flag: "--hosts".into(),
+                message: "blue-green moves every host's traffic at once: it takes no host selection (--hosts, --tag)".into(),
+            });
+        }
         let bg = inv.blue_green.as_ref().ok_or_else(|| Error::Usage {
             flag: "--strategy".into(),
             message: "blue-green needs a [blue_green] section in the inventory".into(),
@@ -66,6 +73,7 @@ impl Plan {
                 .map(|h| Skipped {
                     host: h.name.clone(),
                     reason: format!("already serves {release} from its {} slot", live.as_str()),
+                    not_selected: false,
                 })
                 .collect()
         } else {

@@ -62,6 +62,9 @@ pub struct Plan {
 pub struct Skipped {
     pub host: String,
     pub reason: String,
+    /// Left out by `--hosts` / `--tag`: it keeps the release it has, whatever that is.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub not_selected: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -284,6 +287,9 @@ pub struct PlanInput<'a> {
     pub unfinished: &'a BTreeSet<String>,
     /// Per-host releases for `recover`; `None` means `release` everywhere.
     pub targets: Option<&'a BTreeMap<String, String>>,
+    /// `--hosts` / `--tag`: only these hosts change; the others stay in the pool, as they
+    /// are, and count for capacity. `None` is every host.
+    pub selected: Option<&'a BTreeSet<String>>,
     pub strategy: Strategy,
     /// The blue-green slot the load balancers send traffic to, as pre-flight read it; `None`
     /// offline, where blue is assumed.

@@ -63,6 +63,7 @@ impl Plan {
             observed,
             unfinished,
             targets,
+            selected,
             strategy,
             live_slot: _,
             pause,
@@ -115,7 +116,8 @@ impl Plan {
                 .and_then(|t| t.get(&h.name).cloned())
                 .unwrap_or_else(|| release.clone())
         };
-        let work = Worklist::new(inv, observed, unfinished, &target_of);
+        let is_selected = |h: &Host| selected.is_none_or(|s| s.contains(&h.name));
+        let work = Worklist::new(inv, observed, unfinished, selected, &target_of);
         let app = &inv.app;
         let stage = match &artifact {
             Some(a) => app_steps(work.todo.iter().copied(), &|h| Action::Upload {
@@ -154,8 +156,10 @@ impl Plan {
             batches,
             finish: Phase {
                 name: PhaseName::Prune,
-                steps: app_steps(inv.hosts.iter(), &|_| Action::Prune {
-                    command: remote::prune(app),
+                steps: app_steps(inv.hosts.iter().filter(|h| is_selected(h)), &|_| {
+                    Action::Prune {
+                        command: remote::prune(app),
+                    }
                 }),
             },
             artifact,
@@ -179,12 +183,21 @@ impl<'a> Worklist<'a> {
         inv: &'a Inventory,
         observed: Option<&BTreeMap<String, HostAtPreflight>>,
         unfinished: &BTreeSet<String>,
+        selected: Option<&BTreeSet<String>>,
         target_of: &dyn Fn(&Host) -> String,
     ) -> Worklist<'a> {
         let seen = |h: &Host| observed.and_then(|o| o.get(&h.name));
         let mut skipped = Vec::new();
         let mut todo: Vec<&Host> = Vec::new();
         for h in &inv.hosts {
+            if selected.is_some_and(|s| !s.contains(&h.name)) {
+                skipped.push(Skipped {
+                    host: h.name.clone(),
+                    reason: "not selected (--hosts, --tag)".into(),
+                    not_selected: true,
+                });
+                continue;
+            }
             match seen(h) {
                 Some(o)
                     if o.healthy
@@ -194,6 +207,7 @@ impl<'a> Worklist<'a> {
                     skipped.push(Skipped {
                         host: h.name.clone(),
                         reason: format!("already runs {} and is healthy", target_of(h)),
+                        not_selected: false,
                     })
                 }
                 _ => todo.push(h),

@@ -71,6 +71,7 @@ fn build(
         observed,
         unfinished,
         targets: None,
+        selected: None,
         strategy,
         live_slot: None,
         pause,

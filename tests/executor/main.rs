@@ -460,6 +460,7 @@ fn initial_state(inventory: &Inventory, release: &str) -> RolloutState {
         balancers: inventory.balancer.hosts.clone(),
         live_slot: None,
         found: Vec::new(),
+        selected: Vec::new(),
     }
 }
 
@@ -496,6 +497,7 @@ async fn rollout_to(
         observed: Some(&observed.hosts),
         unfinished: &target.unfinished,
         targets: target.targets.as_ref(),
+        selected: None,
         strategy: inventory.strategy,
         live_slot: observed.live_slot(&inventory),
         pause: false,
