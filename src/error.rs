@@ -53,6 +53,10 @@ pub enum Error {
     Artifact { path: PathBuf, message: String },
     #[error("pre-flight failed, nothing was changed:\n{}", list(failures))]
     Preflight { failures: Vec<HostFailure> },
+    /// Ctrl-C, SIGTERM or a lost lease came while roller was still connecting or checking:
+    /// nothing had changed on any host, so there was nothing to finish before stopping.
+    #[error("stopped ({reason}) before anything changed on any host")]
+    Interrupted { reason: String },
     /// Another rollout holds the deploy lock, or this controller lost it.
     #[error("{0}")]
     Locked(Box<Locked>),

@@ -258,6 +258,7 @@ fn exit_code(error: &Error) -> u8 {
         | Error::State(_)
         | Error::SwitchBackRefused { .. } => exit::PREFLIGHT,
         Error::Locked(_) => exit::LOCKED,
+        Error::Interrupted { .. } => exit::INTERRUPTED,
     }
 }
 
@@ -286,6 +287,9 @@ fn report_error(error: &Error, output: Output) {
             Error::Usage { flag, .. } => serde_json::json!({ "kind": "usage", "flag": flag }),
             Error::Artifact { path, .. } => serde_json::json!({ "kind": "artifact", "path": path }),
             Error::Locked(_) => serde_json::json!({ "kind": "locked" }),
+            Error::Interrupted { reason } => {
+                serde_json::json!({ "kind": "interrupted", "reason": reason })
+            }
             Error::Unfinished(_) => serde_json::json!({ "kind": "unfinished" }),
             Error::State(_) => serde_json::json!({ "kind": "state" }),
             Error::Discovery(_) => serde_json::json!({ "kind": "discovery" }),

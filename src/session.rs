@@ -55,7 +55,9 @@ pub async fn hold<T>(hold: Hold<'_>, body: impl AsyncFnOnce(&Held) -> Result<T>)
     watch_signals(interrupt_tx.clone());
     let inv = hold.inventory;
     let connector: Arc<dyn Connector> = Arc::new(connector(inv)?);
-    let sessions = executor::connect(inv, connector).await?;
+    // A host that accepts TCP and never speaks SSH holds this for connect_timeout and its
+    // retries; nothing has changed yet, so a Ctrl-C here stops at once.
+    let sessions = unless_interrupted(&interrupt, executor::connect(inv, connector)).await?;
     let result = locked(&hold, &sessions, interrupt, interrupt_tx, body).await;
     for session in sessions.values() {
         session.close().await;
@@ -154,6 +156,20 @@ async fn locked<T>(
     result
 }
 
+/// Runs `work`, which must change nothing on any host, unless Ctrl-C, SIGTERM or a lost lease
+/// comes first: then `work` is dropped where it waits and the command stops at once.
+pub async fn unless_interrupted<T>(
+    interrupt: &Interrupt,
+    work: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    let mut interrupt = interrupt.clone();
+    tokio::select! {
+        biased;
+        reason = executor::wait_for_interrupt(&mut interrupt) => Err(Error::Interrupted { reason }),
+        done = work => done,
+    }
+}
+
 /// The inventory's load balancers, sorted: what the lock and the rollout state record, so that
 /// another inventory for the same app with another set is noticed.
 pub fn balancer_set(inv: &Inventory) -> Vec<String> {
@@ -244,7 +260,7 @@ fn watch_signals(tx: watch::Sender<Option<String>>) {
             count += 1;
             if count == 1 {
                 eprintln!(
-                    "roller: {name} received: finishing the step in progress, then returning every host to the pool"
+                    "roller: {name} received: stopping; a step in progress finishes first, and hosts out of the pool go back in"
                 );
                 let _ = tx.send(Some(format!("{name} received")));
             } else {

@@ -132,13 +132,17 @@ async fn locked(
         reconcile::reconcile(d.asked(rollout_id), prior.as_ref(), &balancers, &d.hints)?;
 
     let reporter: Arc<dyn Reporter> = Arc::new(Tee(vec![journal.clone(), display(inv)]));
-    let observed = executor::preflight(
-        inv,
-        balancer,
-        &HttpOverSsh,
-        sessions,
-        d.artifact.as_ref().map(|a| a.bytes),
-        reporter.as_ref(),
+    // Pre-flight only reads; a Ctrl-C while it waits on a slow host stops at once.
+    let observed = session::unless_interrupted(
+        &held.interrupt,
+        executor::preflight(
+            inv,
+            balancer,
+            &HttpOverSsh,
+            sessions,
+            d.artifact.as_ref().map(|a| a.bytes),
+            reporter.as_ref(),
+        ),
     )
     .await?;
 

@@ -325,7 +325,8 @@ fn journal_status(outcome: Outcome) -> Status {
     }
 }
 
-async fn wait_for_interrupt(interrupt: &mut Interrupt) -> String {
+/// Resolves with the reason once `interrupt` fires; never, if it cannot any more.
+pub async fn wait_for_interrupt(interrupt: &mut Interrupt) -> String {
     loop {
         if let Some(reason) = interrupt.borrow_and_update().clone() {
             return reason;
