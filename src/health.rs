@@ -31,6 +31,9 @@ pub struct HealthSpec {
     pub command: Option<String>,
 }
 
+/// The longest one HTTP probe may take, in a single look as in polling.
+const ONE_PROBE: Duration = Duration::from_secs(5);
+
 impl HealthSpec {
     /// The inventory's health check against `address:port`: what a restarted host must pass.
     pub fn wait(address: &str, port: u16, inv: &crate::inventory::Inventory) -> HealthSpec {
@@ -46,10 +49,14 @@ impl HealthSpec {
         }
     }
 
-    /// A single look at a host's health, as pre-flight and the capacity guard take it.
+    /// A single look at a host's health, as pre-flight and the capacity guard take it. Its
+    /// deadline is a probe's own, not the polling interval: a short interval makes a restarted
+    /// host count as healthy sooner, and must not make a slow health endpoint look down.
     pub fn probe(address: &str, inv: &crate::inventory::Inventory) -> HealthSpec {
+        let look = inv.health.interval.max(ONE_PROBE);
         HealthSpec {
-            timeout: inv.health.interval,
+            interval: look,
+            timeout: look,
             successes: 1,
             ..HealthSpec::wait(address, inv.app.port, inv)
         }
@@ -108,7 +115,7 @@ impl HealthCheck for HttpOverSsh {
             let started = Instant::now();
             let probe_deadline = deadline
                 .saturating_duration_since(started)
-                .min(Duration::from_secs(5))
+                .min(ONE_PROBE)
                 .max(Duration::from_millis(100));
             match status(transport, spec, probe_deadline).await {
                 Ok(status) if status == spec.expect_status => {

@@ -392,7 +392,9 @@ impl Inventory {
             path: r.string(health_t, "health", "path", Some("/actuator/health")),
             expect_status: r.integer(health_t, "health", "expect_status", Some(200), 100, 599)
                 as u16,
-            interval: r.duration(health_t, "health", "interval", Some("500ms")),
+            // A probe right after the restart, then one per interval: 100ms adds about 50ms on
+            // average once the app is ready, for a probe that costs one channel.
+            interval: r.duration(health_t, "health", "interval", Some("100ms")),
             timeout: r.duration(health_t, "health", "timeout", Some("60s")),
             successes: r.integer(health_t, "health", "successes", Some(1), 1, 1000) as u32,
             command: r.optional_string(health_t, "health", "command"),
