@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use roller::commands::canary_decision::{self, Decision};
+use roller::commands::check::CheckRequest;
 use roller::commands::plan::PlanRequest;
 use roller::commands::resume::ResumeRequest;
 use roller::commands::rollout::RolloutRequest;
@@ -65,6 +66,9 @@ enum Command {
     Promote(UnlockArgs),
     /// Canary with --pause: roll the canary back and stop.
     Abort(UnlockArgs),
+    /// Check that a rollout could start: inventory, every host and load balancer, the deploy
+    /// lock; changes nothing. Exit 0 only when a rollout could start.
+    Check(CheckArgs),
 }
 
 #[derive(Args)]
@@ -169,6 +173,18 @@ struct UnlockArgs {
 }
 
 #[derive(Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    select: Select,
+    /// The jar a rollout would upload: every host must have room for it [default: only
+    /// pre-flight's margin of 10 MiB].
+    #[arg(long, short = 'a')]
+    artifact: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct SwitchBackArgs {
     #[command(flatten)]
     common: Common,
@@ -218,6 +234,7 @@ fn main() -> ExitCode {
         Command::Unlock(a) => a.common.output,
         Command::SwitchBack(a) => a.common.output,
         Command::Promote(a) | Command::Abort(a) => a.common.output,
+        Command::Check(a) => a.common.output,
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -235,6 +252,7 @@ fn main() -> ExitCode {
         Command::SwitchBack(args) => runtime.block_on(switch_back_command(args)),
         Command::Promote(args) => runtime.block_on(decide(args, Decision::Promote)),
         Command::Abort(args) => runtime.block_on(decide(args, Decision::Abort)),
+        Command::Check(args) => runtime.block_on(check_command(args)),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -435,6 +453,28 @@ async fn decide(args: &UnlockArgs, decision: Decision) -> Result<u8, Error> {
         ),
     }
     Ok(exit::OK)
+}
+
+async fn check_command(args: &CheckArgs) -> Result<u8, Error> {
+    let report = commands::check::check(CheckRequest {
+        inventory: load_inventory(&args.common).await?,
+        inventory_path: args.common.inventory.clone(),
+        selection: args.select.to_lib(),
+        artifact: args.artifact.clone(),
+    })
+    .await?;
+    match args.common.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({ "event": "check", "check": report })
+        ),
+        Output::Text => print!("{}", report.render_text()),
+    }
+    Ok(if report.ready {
+        exit::OK
+    } else {
+        exit::PREFLIGHT
+    })
 }
 
 async fn unlock_command(args: &UnlockArgs) -> Result<u8, Error> {

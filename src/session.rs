@@ -187,7 +187,7 @@ pub fn lock_spec(inv: &Inventory) -> LockSpec {
     }
 }
 
-fn connector(inv: &Inventory) -> Result<SshConnector> {
+pub(crate) fn connector(inv: &Inventory) -> Result<SshConnector> {
     let setup_failed = |message: String| Error::Preflight {
         failures: vec![HostFailure {
             host: "(controller)".into(),

@@ -4,9 +4,12 @@
 mod e2e;
 
 use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 
 use e2e::*;
 use roller_fleet::{Fleet, FleetSpec, JarSpec};
+use serde_json::Value;
 
 fn names(list: &[&str]) -> BTreeSet<String> {
     list.iter().map(|s| s.to_string()).collect()
@@ -61,4 +64,170 @@ fn a_selection_rolls_out_only_the_selected_hosts() {
     assert!(!fleet.host_dir("web-2").join("shop/releases/v2").exists());
     assert_eq!(fleet.app_version("web-2").as_deref(), Some("v1"));
     assert_eq!(fleet.upstream_text().matches(" down").count(), 0);
+}
+
+/// Every file, directory and link under the hosts' app directories and the load balancer's
+/// state directory, with its size, mode, link target and modification time, and the upstream
+/// file's text: a command that changes nothing leaves this exactly as it was.
+fn fleet_files(fleet: &Fleet) -> Vec<String> {
+    fn walk(path: &Path, out: &mut Vec<String>) {
+        let Ok(meta) = std::fs::symlink_metadata(path) else {
+            return;
+        };
+        let link = std::fs::read_link(path).ok();
+        out.push(format!(
+            "{} {} {:o} {:?} {:?}",
+            path.display(),
+            meta.len(),
+            meta.permissions().mode(),
+            meta.modified().ok(),
+            link
+        ));
+        if meta.is_dir() {
+            let mut entries: Vec<_> = std::fs::read_dir(path)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            entries.sort();
+            for entry in entries {
+                walk(&entry, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for host in fleet.host_names() {
+        walk(&fleet.host_dir(&host).join("shop"), &mut out);
+    }
+    walk(
+        &fleet.upstream_file().parent().unwrap().join(".roller"),
+        &mut out,
+    );
+    out.push(fleet.upstream_text());
+    out
+}
+
+/// Values that differ from run to run (addresses, ports, times, ids) replaced by their kind.
+fn redacted(mut value: Value, fleet: &Fleet) -> Value {
+    let text = serde_json::to_string(&value).unwrap();
+    let text = text.replace(&fleet.lb_address(), "[lb]");
+    value = serde_json::from_str(&text).unwrap();
+    fn walk(v: &mut Value) {
+        match v {
+            Value::Object(map) => {
+                for (key, v) in map.iter_mut() {
+                    match key.as_str() {
+                        "id" | "token" => *v = Value::String("[id]".into()),
+                        "started" | "ended" | "updated" | "lease_until" | "duration_ms" | "pid" => {
+                            *v = Value::String(format!("[{key}]"))
+                        }
+                        "owner" | "controller" | "who" => {
+                            *v = Value::String("[user@machine]".into())
+                        }
+                        _ => walk(v),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    walk(&mut value);
+    value
+}
+
+fn tamper_host_key(fleet: &Fleet, host: &str) {
+    // The host's entry gets the load balancer's key: a different, valid key for that address.
+    let known_hosts = std::fs::read_to_string(fleet.known_hosts_path()).unwrap();
+    let address = fleet.host_address(host);
+    let lb_key = known_hosts
+        .lines()
+        .find(|l| l.starts_with(&format!("[{}]", fleet.lb_address())))
+        .and_then(|l| l.split_once(' '))
+        .map(|(_, key)| key.to_string())
+        .unwrap();
+    let tampered: Vec<String> = known_hosts
+        .lines()
+        .map(|l| match l.split_once(' ') {
+            Some((h, _)) if h.starts_with(&format!("[{address}]")) => format!("{h} {lb_key}"),
+            _ => l.to_string(),
+        })
+        .collect();
+    std::fs::write(fleet.known_hosts_path(), tampered.join("\n") + "\n").unwrap();
+}
+
+fn text_output(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_roller"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_passes_on_a_healthy_fleet_and_names_a_host_with_a_wrong_key_changing_nothing() {
+    let fleet = Fleet::up(FleetSpec::for_test("check", 2)).unwrap();
+    let inventory = fleet.inventory_path();
+    let inv = inventory.to_str().unwrap();
+    let before = fleet_files(&fleet);
+
+    let run = roller(&["check", "--inventory", inv]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let check = &run.lines[0]["check"];
+    assert_eq!(check["ready"], true, "{check}");
+    insta::assert_json_snapshot!("check_ready", redacted(run.lines[0].clone(), &fleet));
+    let (code, text, stderr) = text_output(&["check", "--inventory", inv]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("web-1 ") && l.ends_with("  ok       v1, healthy, in the pool")),
+        "{text}"
+    );
+    assert!(text.ends_with("a rollout could start\n"), "{text}");
+    assert_eq!(fleet_files(&fleet), before, "check changed something");
+
+    tamper_host_key(&fleet, "web-2");
+    let run = roller(&["check", "--inventory", inv]);
+    assert_eq!(run.code, Some(3), "{}", run.stderr);
+    let check = &run.lines[0]["check"];
+    assert_eq!(check["ready"], false);
+    let problems = check["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0]["host"], "web-2");
+    assert_eq!(problems[0]["step"], "connect");
+    assert!(
+        problems[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not match"),
+        "{}",
+        problems[0]
+    );
+    let ok: Vec<(&str, bool, bool)> = check["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap(),
+                t["reached"].as_bool().unwrap(),
+                t["ok"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ok,
+        [
+            ("web-1", true, true),
+            ("web-2", false, false),
+            (fleet.lb_address().as_str(), true, true)
+        ]
+    );
+    let (code, text, _) = text_output(&["check", "--inventory", inv]);
+    assert_eq!(code, Some(3));
+    assert!(text.contains("  - web-2 [connect]: "), "{text}");
+    assert_eq!(fleet_files(&fleet), before, "check changed something");
 }

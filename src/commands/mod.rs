@@ -18,7 +18,9 @@ use crate::report::{Reporter, RolloutReport};
 use crate::transport::Transport;
 
 pub mod canary_decision;
+pub mod check;
 pub mod deploy;
+pub mod lock_view;
 pub mod plan;
 pub mod resume;
 pub mod rollout;

@@ -30,7 +30,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-pub use self::preflight::{FleetAtPreflight, preflight, release_name};
+pub use self::preflight::{FleetAtPreflight, preflight, release_name, survey};
 pub use self::state::{JournalAndLockHost, KeptState, StateStore};
 pub use crate::transport::sessions::{Sessions, collect_sessions, connect, endpoints};
 

@@ -58,6 +58,25 @@ pub async fn preflight(
     artifact_bytes: Option<u64>,
     reporter: &dyn Reporter,
 ) -> Result<FleetAtPreflight> {
+    let (observation, failures) =
+        survey(inv, balancer, health, sessions, artifact_bytes, reporter).await;
+    if failures.is_empty() {
+        Ok(observation)
+    } else {
+        Err(Error::Preflight { failures })
+    }
+}
+
+/// Pre-flight's checks, all of them, with what they found and every failure, sorted by host:
+/// `roller check` shows both, a rollout refuses to start on any failure.
+pub async fn survey(
+    inv: &Inventory,
+    balancer: &dyn Balancer,
+    health: &dyn HealthCheck,
+    sessions: &Sessions,
+    artifact_bytes: Option<u64>,
+    reporter: &dyn Reporter,
+) -> (FleetAtPreflight, Vec<HostFailure>) {
     let phase = Plan::preflight(inv, balancer);
     let started = Instant::now();
     let emit = |target: &str, state, elapsed: Option<Duration>, message: Option<String>| {
@@ -253,12 +272,8 @@ pub async fn preflight(
             },
         );
     }
-    if failures.is_empty() {
-        Ok(observation)
-    } else {
-        failures.sort_by(|a, b| a.host.cmp(&b.host));
-        Err(Error::Preflight { failures })
-    }
+    failures.sort_by(|a, b| a.host.cmp(&b.host));
+    (observation, failures)
 }
 
 /// `releases/v2` → `v2`.

@@ -166,6 +166,11 @@ pub fn read(spec: &LockSpec) -> String {
     .into_string()
 }
 
+/// Prints the lock host's clock (unix seconds), which lock leases are measured by.
+pub fn clock() -> String {
+    sh!["date +%s"].into_string()
+}
+
 /// Wraps `command` (one roller already built) so that it runs only while the lock's mutex is
 /// held and the lock file still names `token` with a live lease; otherwise it exits
 /// [`FENCED_OUT`]. The command does not inherit the mutex's descriptor, so nothing it leaves
