@@ -49,6 +49,10 @@ pub enum Error {
     },
     #[error("{flag}: {message}")]
     Usage { flag: String, message: String },
+    /// The ssh config file the inventory names (`ssh.config`) cannot be used: missing,
+    /// unparsable, or saying what roller cannot honour for a host. Found before any connection.
+    #[error("ssh config {}: {message}", file.display())]
+    SshConfig { file: PathBuf, message: String },
     #[error("artifact {}: {message}", path.display())]
     Artifact { path: PathBuf, message: String },
     #[error("pre-flight failed, nothing was changed:\n{}", list(failures))]

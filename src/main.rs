@@ -268,6 +268,7 @@ fn exit_code(error: &Error) -> u8 {
         Error::InventoryRead { .. }
         | Error::Inventory { .. }
         | Error::Usage { .. }
+        | Error::SshConfig { .. }
         | Error::Artifact { .. }
         | Error::Discovery(_) => exit::BAD_INPUT,
         Error::Preflight { .. }
@@ -303,6 +304,9 @@ fn report_error(error: &Error, output: Output) {
                 serde_json::json!({ "kind": "inventory", "file": file })
             }
             Error::Usage { flag, .. } => serde_json::json!({ "kind": "usage", "flag": flag }),
+            Error::SshConfig { file, .. } => {
+                serde_json::json!({ "kind": "ssh-config", "file": file })
+            }
             Error::Artifact { path, .. } => serde_json::json!({ "kind": "artifact", "path": path }),
             Error::Locked(_) => serde_json::json!({ "kind": "locked" }),
             Error::Interrupted { reason } => {
@@ -350,6 +354,7 @@ async fn load_inventory(common: &Common) -> Result<Inventory, Error> {
             );
         }
     }
+    inventory.apply_host_names()?;
     Ok(inventory)
 }
 

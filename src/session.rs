@@ -17,6 +17,7 @@ use crate::executor::{self, Interrupt, Sessions};
 use crate::inventory::Inventory;
 use crate::journal::Journal;
 use crate::lock::{self, Acquired, LeaseKeeper, LockError, LockInfo, LockSpec};
+use crate::transport::reach;
 use crate::transport::ssh::{SshConnector, SshSettings};
 use crate::transport::{Connector, Transport};
 
@@ -196,7 +197,7 @@ pub(crate) fn connector(inv: &Inventory) -> Result<SshConnector> {
         }],
     };
     SshConnector::new(SshSettings {
-        user: inv.ssh.user.clone(),
+        user: reach::default_user(&inv.ssh),
         identity: inv.ssh.identity.clone(),
         identity_passphrase: inv.ssh.identity_passphrase().map_err(setup_failed)?,
         known_hosts: inv.ssh.known_hosts.clone(),
@@ -204,8 +205,10 @@ pub(crate) fn connector(inv: &Inventory) -> Result<SshConnector> {
         max_channels_per_host: 8,
         max_concurrent_connects: inv.ssh.max_concurrent_connects,
         allow_sha1_rsa: inv.ssh.allow_sha1_rsa,
-        proxy_jump: inv.ssh.proxy_jump.clone(),
+        // Every endpoint carries its own bastions, resolved through the ssh config.
+        proxy_jump: Vec::new(),
         proxy_command: inv.ssh.proxy_command.clone(),
+        keys_per_host: inv.ssh.config.is_some(),
     })
     .map_err(|e| setup_failed(e.to_string()))
 }
@@ -214,7 +217,7 @@ pub(crate) fn connector(inv: &Inventory) -> Result<SshConnector> {
 /// read or leave word there (`unlock`, `promote`, `abort`, reading a state to resume).
 pub async fn connect_lock_host(inv: &Inventory) -> Result<Arc<dyn Transport>> {
     let connector = connector(inv)?;
-    let endpoint = executor::endpoints(inv)
+    let endpoint = executor::endpoints(inv)?
         .into_iter()
         .find(|e| e.name == inv.balancer.lock_host)
         .expect("the lock host is an endpoint");

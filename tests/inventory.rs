@@ -10,8 +10,8 @@ fn the_example_inventory_is_valid_and_means_what_its_comments_say() {
     ))
     .unwrap();
     let inv = Inventory::parse(&text).unwrap();
-    assert_eq!(inv.ssh.user, "ec2-user");
-    assert_eq!(inv.ssh.port, 22);
+    assert_eq!(inv.ssh.user.as_deref(), Some("ec2-user"));
+    assert_eq!(inv.ssh.port, Some(22));
     assert!(inv.ssh.identity.unwrap().ends_with(".ssh/deploy_ed25519"));
     assert_eq!(inv.app.dir, "/opt/shop");
     assert_eq!(inv.app.keep_releases, 5);
@@ -110,7 +110,7 @@ user = "ec2 user"
     assert_eq!(
         problems(text),
         vec![
-            "ssh.conect_timeout: unknown key (expected one of: user, port, identity, identity_passphrase_env, known_hosts, connect_timeout, allow_sha1_rsa, proxy_jump, proxy_command, max_concurrent_connects)",
+            "ssh.conect_timeout: unknown key (expected one of: user, port, identity, identity_passphrase_env, known_hosts, connect_timeout, allow_sha1_rsa, proxy_jump, proxy_command, max_concurrent_connects, config)",
             "ssh.port: must be between 1 and 65535, got 70000",
             "app.port: must be an integer, got string",
             "app.keep_releases: must be between 2 and 1000, got 1",

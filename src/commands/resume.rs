@@ -146,7 +146,7 @@ fn recorded_hosts(inventory: &mut Inventory, state: &RolloutState) -> Result<()>
         }));
     }
     inventory.hosts = discovery::into_hosts(&state.found, discovery.user());
-    Ok(())
+    inventory.apply_host_names()
 }
 
 async fn read_remote_state(inv: &Inventory) -> Result<Option<RolloutState>> {

@@ -18,7 +18,7 @@ mod reader;
 mod sections;
 mod ssh;
 
-pub use ssh::{HostReach, SshConfig};
+pub use ssh::{HostReach, SshConfig, SshConfigFile};
 
 use reader::Reader;
 
@@ -303,10 +303,12 @@ impl Inventory {
             file: file.to_path_buf(),
             source,
         })?;
-        Inventory::parse(&text).map_err(|problems| Error::Inventory {
+        let mut inventory = Inventory::parse(&text).map_err(|problems| Error::Inventory {
             file: file.to_path_buf(),
             problems,
-        })
+        })?;
+        inventory.apply_host_names()?;
+        Ok(inventory)
     }
 
     /// Validates inventory text; on failure returns every problem, in file order of sections.

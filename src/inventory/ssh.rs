@@ -7,16 +7,22 @@ use std::time::Duration;
 use serde::Serialize;
 use toml::{Table, Value};
 
-use super::expand_home;
 use super::reader::{Reader, join};
+use super::{Inventory, expand_home};
 use crate::transport::ssh::{Hop, expand_proxy_command, parse_proxy_jump};
 use crate::transport::{Endpoint, ssh::DEFAULT_MAX_CONCURRENT_CONNECTS};
 
+/// `[ssh]`. Each reach value (`user`, `port`, `identity`, `proxy_jump`) is `None` when the
+/// inventory leaves it to the ssh config file, or to the default without one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SshConfig {
-    pub user: String,
-    pub port: u16,
-    /// Private key file; `None` means the ssh-agent.
+    /// Required unless `config` is set (then `User` there, else `$USER`, as with `ssh`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Default 22.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Private key file; `None` means the ssh config's `IdentityFile`, else the ssh-agent.
     pub identity: Option<PathBuf>,
     /// The environment variable that holds the identity file's passphrase (the passphrase
     /// itself never sits in the inventory).
@@ -27,9 +33,13 @@ pub struct SshConfig {
     pub connect_timeout: Duration,
     /// Accept SHA-1 `ssh-rsa` host-key signatures (old servers only).
     pub allow_sha1_rsa: bool,
-    /// Bastions every host is reached through, first hop first; empty connects directly.
-    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "hops")]
-    pub proxy_jump: Vec<Hop>,
+    /// Bastions every host is reached through, first hop first; `Some(vec![])` (`"none"`)
+    /// connects directly.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "optional_hops"
+    )]
+    pub proxy_jump: Option<Vec<Hop>>,
     /// A local command that carries the connection (`%h`, `%p`, `%r`, `%n`); wins over
     /// `proxy_jump`, as in OpenSSH.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -37,6 +47,18 @@ pub struct SshConfig {
     /// New connections being set up at once: a bastion or host drops unauthenticated
     /// connections past its `MaxStartups` (10 by default in OpenSSH).
     pub max_concurrent_connects: usize,
+    /// OpenSSH's client configuration, read for every host the inventory does not fully
+    /// describe (`config = true` is `~/.ssh/config`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<SshConfigFile>,
+}
+
+/// Which ssh config file `ssh.config` names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SshConfigFile {
+    pub path: PathBuf,
+    /// `config = true`: `~/.ssh/config`, which may be absent, as `ssh` allows.
+    pub default: bool,
 }
 
 /// What one `[[hosts]]` entry says about reaching it, where it differs from `[ssh]`.
@@ -52,6 +74,10 @@ pub struct HostReach {
         serialize_with = "optional_hops"
     )]
     pub proxy_jump: Option<Vec<Hop>>,
+    /// The address as the inventory wrote it, when the ssh config's `HostName` replaced it:
+    /// the name the config's `Host` blocks are matched against.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
 }
 
 impl HostReach {
@@ -89,6 +115,40 @@ fn optional_hops<S: serde::Serializer>(hops: &Option<Vec<Hop>>, s: S) -> Result<
     }
 }
 
+impl Inventory {
+    /// Replaces each app host's address by the ssh config's `HostName` for it, where the
+    /// inventory names one (`ssh.config`): the upstream file and the health checks need the
+    /// address the alias stands for, as SSH does. Hosts already resolved are left alone, so
+    /// this runs again after discovery.
+    pub fn apply_host_names(&mut self) -> crate::error::Result<()> {
+        let Some(file) = &self.ssh.config else {
+            return Ok(());
+        };
+        let failed = |message: String| crate::error::Error::SshConfig {
+            file: file.path.clone(),
+            message,
+        };
+        let config =
+            crate::transport::ssh::ConfigFile::load(&file.path, file.default).map_err(failed)?;
+        for host in self.hosts.iter_mut().filter(|h| h.reach.alias.is_none()) {
+            let entry = config.host(&host.address).map_err(failed)?;
+            match entry.host_name {
+                Some(name) if name != host.address => {
+                    if !super::is_address(&name) {
+                        return Err(failed(format!(
+                            "{}: HostName {name:?} is not a host name or IP address",
+                            host.address
+                        )));
+                    }
+                    host.reach.alias = Some(std::mem::replace(&mut host.address, name));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Reader {
     pub(super) fn ssh(&mut self, t: &Table) -> SshConfig {
         let s = "ssh";
@@ -106,8 +166,10 @@ impl Reader {
                 "proxy_jump",
                 "proxy_command",
                 "max_concurrent_connects",
+                "config",
             ],
         );
+        let config = self.config_file(t, s);
         let identity_passphrase_env = self.optional_string(t, s, "identity_passphrase_env");
         if let Some(var) = &identity_passphrase_env
             && (var.is_empty() || !var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
@@ -125,8 +187,12 @@ impl Reader {
             }
         }
         SshConfig {
-            user: self.word(t, s, "user", None),
-            port: self.port(t, s, "port", Some(22)),
+            // With an ssh config, the login may come from its `User` lines.
+            user: (t.contains_key("user") || config.is_none())
+                .then(|| self.word(t, s, "user", None)),
+            port: t
+                .contains_key("port")
+                .then(|| self.port(t, s, "port", None)),
             identity: self
                 .optional_string(t, s, "identity")
                 .map(|p| expand_home(&p)),
@@ -134,7 +200,7 @@ impl Reader {
             known_hosts: expand_home(&self.string(t, s, "known_hosts", Some("~/.ssh/known_hosts"))),
             connect_timeout: self.duration(t, s, "connect_timeout", Some("10s")),
             allow_sha1_rsa: self.flag(t, s, "allow_sha1_rsa"),
-            proxy_jump: self.proxy_jump(t, s).unwrap_or_default(),
+            proxy_jump: self.proxy_jump(t, s),
             proxy_command,
             max_concurrent_connects: self.integer(
                 t,
@@ -144,6 +210,33 @@ impl Reader {
                 1,
                 64,
             ) as usize,
+            config,
+        }
+    }
+
+    /// `config = true` (`~/.ssh/config`), `false`, or a path. Only named here: the file is read
+    /// when hosts are about to be reached, so `roller plan` needs nothing from it.
+    fn config_file(&mut self, t: &Table, section: &str) -> Option<SshConfigFile> {
+        match t.get("config")? {
+            Value::Boolean(false) => None,
+            Value::Boolean(true) => Some(SshConfigFile {
+                path: expand_home("~/.ssh/config"),
+                default: true,
+            }),
+            Value::String(_) => {
+                self.optional_string(t, section, "config")
+                    .map(|path| SshConfigFile {
+                        path: expand_home(&path),
+                        default: false,
+                    })
+            }
+            other => {
+                self.problem(
+                    join(section, "config"),
+                    format!("must be true, false or a path, got {}", other.type_str()),
+                );
+                None
+            }
         }
     }
 
@@ -157,6 +250,7 @@ impl Reader {
                 .optional_string(t, section, "identity")
                 .map(|p| expand_home(&p)),
             proxy_jump: self.proxy_jump(t, section),
+            alias: None,
         }
     }
 
@@ -245,7 +339,7 @@ tags = ["az-b"]
         let inv = Inventory::parse(&text).unwrap();
         assert_eq!(
             inv.ssh.proxy_jump,
-            vec![Hop::new(Some("ops"), "bastion.example.com", 2222)]
+            Some(vec![Hop::new(Some("ops"), "bastion.example.com", 2222)])
         );
         assert_eq!(inv.ssh.max_concurrent_connects, 4);
         assert_eq!(

@@ -5,6 +5,7 @@
 
 #[cfg(feature = "testing")]
 pub mod memory;
+pub mod reach;
 pub mod reconnect;
 pub mod sessions;
 pub mod ssh;

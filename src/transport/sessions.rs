@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use futures::future::join_all;
 
+pub use super::reach::endpoints;
 use super::reconnect::{Reconnecting, RetryPolicy};
 use super::{Connector, Endpoint, Transport, TransportError};
 use crate::error::{Error, HostFailure, Result};
@@ -14,34 +15,11 @@ use crate::inventory::Inventory;
 /// Open sessions, keyed by plan target (app host name or load-balancer address).
 pub type Sessions = HashMap<String, Arc<dyn Transport>>;
 
-/// Every host and load balancer to connect to, named as the plan names them.
-pub fn endpoints(inv: &Inventory) -> Vec<Endpoint> {
-    let mut endpoints: Vec<Endpoint> = inv
-        .hosts
-        .iter()
-        .map(|h| Endpoint {
-            name: h.name.clone(),
-            address: h.address.clone(),
-            port: h.reach.port.unwrap_or(inv.ssh.port),
-            user: h.user.clone(),
-            identity: h.reach.identity.clone(),
-            proxy_jump: h.reach.proxy_jump.clone(),
-        })
-        .collect();
-    endpoints.extend(inv.balancer.hosts.iter().map(|lb| Endpoint {
-        name: lb.clone(),
-        address: lb.clone(),
-        port: inv.ssh.port,
-        ..Endpoint::default()
-    }));
-    endpoints
-}
-
 /// Opens one session per app host and load balancer, all at once. Any failure is a pre-flight
 /// failure: nothing has been changed yet. Each session re-establishes itself if its
 /// connection drops later: every command roller sends is safe to repeat.
 pub async fn connect(inv: &Inventory, connector: Arc<dyn Connector>) -> Result<Sessions> {
-    let endpoints = endpoints(inv);
+    let endpoints = endpoints(inv)?;
     let results = join_all(endpoints.iter().map(|e| {
         let connector = connector.clone();
         async move {

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use russh::client::{self, Handle, Msg};
@@ -24,16 +25,25 @@ use crate::transport::{Endpoint, TransportError};
 pub struct Hop {
     pub user: Option<String>,
     pub address: String,
-    pub port: u16,
+    /// `None` until the ssh config (if any) had its say; then 22.
+    pub port: Option<u16>,
+    /// The bastion's own key (from its `IdentityFile` in the ssh config), when it is not the
+    /// connector's.
+    pub identity: Option<PathBuf>,
 }
 
 impl Hop {
-    pub fn new(user: Option<&str>, address: &str, port: u16) -> Hop {
+    pub fn new(user: Option<&str>, address: &str, port: impl Into<Option<u16>>) -> Hop {
         Hop {
             user: user.map(str::to_string),
             address: address.to_string(),
-            port,
+            port: port.into(),
+            identity: None,
         }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(22)
     }
 }
 
@@ -47,8 +57,8 @@ impl fmt::Display for Hop {
         } else {
             write!(f, "{}", self.address)?;
         }
-        if self.port != 22 {
-            write!(f, ":{}", self.port)?;
+        if let Some(port) = self.port.filter(|p| *p != 22) {
+            write!(f, ":{port}")?;
         }
         Ok(())
     }
@@ -101,17 +111,19 @@ fn parse_hop(text: &str) -> Result<Hop, String> {
         return Err(bad("the host has characters no host name has"));
     }
     let port = match port {
-        None => 22,
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or_else(|| bad("the port is not a number from 1 to 65535"))?,
+        None => None,
+        Some(p) => Some(
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| bad("the port is not a number from 1 to 65535"))?,
+        ),
     };
     Ok(Hop {
         user,
         address: address.to_string(),
         port,
+        identity: None,
     })
 }
 
@@ -164,8 +176,9 @@ impl SshConnector {
             let endpoint = Endpoint {
                 name: format!("bastion {hop}"),
                 address: hop.address.clone(),
-                port: hop.port,
+                port: hop.port(),
                 user: hop.user.clone(),
+                identity: hop.identity.clone(),
                 ..Endpoint::default()
             };
             let (policy, verdict) = self.host_key_policy(&endpoint);
@@ -173,14 +186,14 @@ impl SshConnector {
                 None => {
                     client::connect(
                         self.config.clone(),
-                        (hop.address.as_str(), hop.port),
+                        (hop.address.as_str(), hop.port()),
                         policy,
                     )
                     .await
                 }
                 Some(previous) => {
                     let before = hops[depth - 2].to_string();
-                    let stream = forward(previous, &before, &hop.address, hop.port)
+                    let stream = forward(previous, &before, &hop.address, hop.port())
                         .await
                         .map_err(|refusal| {
                             Attempt::Fatal(TransportError::Connect(format!(
@@ -249,14 +262,14 @@ mod tests {
         assert_eq!(
             parse_proxy_jump("jump1, ops@[fd00::1]:22,ssh://10.0.0.5").unwrap(),
             vec![
-                Hop::new(None, "jump1", 22),
+                Hop::new(None, "jump1", None),
                 Hop::new(Some("ops"), "fd00::1", 22),
-                Hop::new(None, "10.0.0.5", 22)
+                Hop::new(None, "10.0.0.5", None)
             ]
         );
         assert_eq!(
             parse_proxy_jump("fd00::7").unwrap(),
-            vec![Hop::new(None, "fd00::7", 22)]
+            vec![Hop::new(None, "fd00::7", None)]
         );
         assert_eq!(parse_proxy_jump("none").unwrap(), vec![]);
         assert_eq!(

@@ -7,6 +7,7 @@
 //! reading a channel always run side by side under the caller's deadline).
 
 mod auth;
+mod config_file;
 mod host_key;
 mod jump;
 mod proxy_command;
@@ -24,6 +25,7 @@ use tokio::time::{Instant, sleep, timeout_at};
 
 use super::{Connector, Endpoint, Transport, TransportError};
 use auth::{Credentials, load_identity};
+pub use config_file::{ConfigFile, HostEntry, expand_identity};
 use host_key::{HostKeyPolicy, host_key_algorithms, take_verdict};
 pub use jump::{Hop, parse_proxy_jump};
 pub use proxy_command::expand as expand_proxy_command;
@@ -76,6 +78,9 @@ pub struct SshSettings {
     /// A local command whose stdin and stdout carry the connection (`ssh.proxy_command`);
     /// wins over `proxy_jump`, as in OpenSSH.
     pub proxy_command: Option<String>,
+    /// Hosts may bring keys of their own (an ssh config's `IdentityFile`), so with no
+    /// `identity` a missing ssh-agent is only an error for a host that ends up needing it.
+    pub keys_per_host: bool,
 }
 
 impl SshSettings {
@@ -92,6 +97,7 @@ impl SshSettings {
             allow_sha1_rsa: false,
             proxy_jump: Vec::new(),
             proxy_command: None,
+            keys_per_host: false,
         }
     }
 }
@@ -133,7 +139,7 @@ impl SshConnector {
                 }
             }
             None => {
-                if std::env::var_os("SSH_AUTH_SOCK").is_none() {
+                if std::env::var_os("SSH_AUTH_SOCK").is_none() && !settings.keys_per_host {
                     return Err(TransportError::Auth {
                         user: settings.user.clone(),
                         detail:
