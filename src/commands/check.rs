@@ -121,7 +121,7 @@ pub async fn check(request: CheckRequest) -> Result<CheckReport> {
         inv.hosts.retain(|h| selected.contains(&h.name));
     }
 
-    let endpoints = executor::endpoints(&inv);
+    let endpoints = executor::endpoints(&inv)?;
     let connected = join_all(endpoints.iter().map(|e| connector.connect(e))).await;
     let mut problems = Vec::new();
     let mut sessions = Sessions::new();
