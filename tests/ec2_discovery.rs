@@ -2,7 +2,9 @@
 //! Python package `moto[server]`) holds one running instance per host of a local fleet, at the
 //! host's own loopback address (moto takes a VPC and subnet in 127.0.0.0/8 and a chosen
 //! `PrivateIpAddress` per instance), plus a stopped instance and one with other tags. roller
-//! asks the API through the `aws` CLI with `AWS_ENDPOINT_URL`, exactly as it asks AWS.
+//! asks the API through the `aws` CLI with `AWS_ENDPOINT_URL`, exactly as it asks AWS. The
+//! same fleet in a private network, reachable only through its bastion, is found and rolled
+//! out the same way.
 
 mod e2e;
 
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use e2e::*;
 use roller_fleet::users::Login;
-use roller_fleet::{Behaviour, Fleet, FleetSpec, JarSpec};
+use roller_fleet::{Bastion, Behaviour, Fleet, FleetSpec, JarSpec};
 use serde_json::Value;
 
 const REGION: &str = "eu-west-1";
@@ -202,11 +204,16 @@ fn plan_text(api: &Ec2Api, inventory: &Path) -> (Option<i32>, String, String) {
     )
 }
 
-/// A fleet of `hosts`, and an API holding an instance for each (tagged Role=shop and this
-/// fleet's Env), a stopped one and one of another role at addresses of the fleet's net no host
-/// uses.
-fn fleet_in_ec2(test: &str, hosts: usize) -> (Fleet, Ec2Api) {
-    let fleet = Fleet::up(FleetSpec::for_test(test, hosts).with_app_login(Login::Bash)).unwrap();
+/// A fleet of `hosts` (behind `bastion`), and an API holding an instance for each (tagged
+/// Role=shop and this fleet's Env), a stopped one and one of another role at addresses of the
+/// fleet's net no host uses.
+fn fleet_in_ec2(test: &str, hosts: usize, bastion: Bastion) -> (Fleet, Ec2Api) {
+    let fleet = Fleet::up(
+        FleetSpec::for_test(test, hosts)
+            .with_app_login(Login::Bash)
+            .with_bastion(bastion),
+    )
+    .unwrap();
     let env_tag = format!("{test}-{}", std::process::id());
     let api = Ec2Api::start(fleet.root(), &env_tag);
     let subnet = api.subnet_for(&fleet.host_address("web-1"));
@@ -233,7 +240,7 @@ fn fleet_in_ec2(test: &str, hosts: usize) -> (Fleet, Ec2Api) {
 
 #[test]
 fn the_fleet_found_through_the_ec2_api_is_planned_and_rolled_out() {
-    let (fleet, api) = fleet_in_ec2("ec2", 3);
+    let (fleet, api) = fleet_in_ec2("ec2", 3, Bastion::None);
     let inventory = discovering_inventory(
         &fleet,
         &[("tag:Role", "shop"), ("tag:Env", &api.env_tag)],
@@ -311,9 +318,89 @@ fn the_fleet_found_through_the_ec2_api_is_planned_and_rolled_out() {
     assert_eq!(recorded, expected);
 }
 
+/// The fleet of `through_bastion.rs` (twelve hosts and the load balancer admitting SSH only
+/// from the bastion), found through the API instead of listed: the found addresses are
+/// reached with `ssh.proxy_jump` and `ssh.port` like listed ones.
+#[test]
+fn the_fleet_found_through_the_ec2_api_is_rolled_out_through_the_bastion() {
+    let (fleet, api) = fleet_in_ec2("ec2-bastion", 12, Bastion::Only);
+    let inventory = discovering_inventory(
+        &fleet,
+        &[("tag:Role", "shop"), ("tag:Env", &api.env_tag)],
+        "inventory-ec2-bastion.toml",
+    );
+    let doc: toml::Table = std::fs::read_to_string(&inventory)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(doc["ssh"].get("proxy_jump").is_some(), "{doc}");
+    assert!(doc.get("hosts").is_none(), "{doc}");
+    let mut expected: Vec<(String, String)> = fleet
+        .host_names()
+        .into_iter()
+        .map(|n| (n.clone(), fleet.host_address(&n)))
+        .collect();
+    expected.sort();
+
+    let v2 = fleet.jar(&JarSpec::healthy("v2")).unwrap();
+    let logins = bastion_logins(&fleet);
+    let load = start_load(&fleet);
+    let run = with_api(&api, &rollout_args(&inventory, &v2, "v2", "25%", &[]));
+    let traffic = load.stop();
+
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(run.report()["outcome"], "succeeded");
+    assert_no_failed_requests(&traffic);
+    assert_fleet_on(&fleet, "v2", "v2");
+    let mut rolled: Vec<String> = report_hosts(&run)
+        .into_iter()
+        .map(|(name, outcome, in_pool)| {
+            assert_eq!((outcome.as_str(), in_pool), ("updated", true), "{name}");
+            name
+        })
+        .collect();
+    rolled.sort();
+    let names: Vec<String> = expected.iter().map(|(n, _)| n.clone()).collect();
+    assert_eq!(rolled, names);
+    // One bastion connection carries the found hosts too.
+    let logins = bastion_logins(&fleet) - logins;
+    assert!((1..=2).contains(&logins), "{logins} logins on the bastion");
+    // The stopped instance and the one with other tags were never a target of anything.
+    let net = fleet.host_address("web-1");
+    let net = net.rsplit_once('.').unwrap().0;
+    let events: String = run.lines.iter().map(|l| format!("{l}\n")).collect();
+    for left_out in [
+        "web-stopped",
+        "search-1",
+        &format!("{net}.200"),
+        &format!("{net}.201"),
+    ] {
+        assert!(!mentions(&events, left_out), "{left_out} in the events");
+        assert!(
+            !mentions(&run.stderr, left_out),
+            "{left_out}: {}",
+            run.stderr
+        );
+    }
+    // The rollout state records the hosts found, for resume and recover.
+    let mut recorded: Vec<(String, String)> = last_state(&inventory)["found"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["name"].as_str().unwrap().to_string(),
+                h["address"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    recorded.sort();
+    assert_eq!(recorded, expected);
+}
+
 #[test]
 fn no_matching_instance_is_bad_input_naming_the_filters() {
-    let (fleet, api) = fleet_in_ec2("ec2-none", 1);
+    let (fleet, api) = fleet_in_ec2("ec2-none", 1, Bastion::None);
     let inventory = discovering_inventory(
         &fleet,
         &[("tag:Role", "checkout"), ("tag:Env", &api.env_tag)],
@@ -338,7 +425,7 @@ fn no_matching_instance_is_bad_input_naming_the_filters() {
 
 #[test]
 fn recover_acts_on_the_hosts_the_rollout_found_even_after_the_group_changed() {
-    let (fleet, api) = fleet_in_ec2("ec2-recover", 2);
+    let (fleet, api) = fleet_in_ec2("ec2-recover", 2, Bastion::None);
     let inventory = discovering_inventory(
         &fleet,
         &[("tag:Role", "shop"), ("tag:Env", &api.env_tag)],

@@ -62,17 +62,6 @@ fn aliased_inventory(fleet: &Fleet) -> PathBuf {
     path
 }
 
-fn bastion_logins(fleet: &Fleet) -> usize {
-    let log = fleet
-        .host_dir(roller_fleet::BASTION_NAME)
-        .join("sshd")
-        .join("sshd.log");
-    std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .matches("Accepted publickey")
-        .count()
-}
-
 #[test]
 fn a_fleet_known_only_by_ssh_config_aliases_is_rolled_out_through_the_bastion() {
     let fleet =

@@ -6,17 +6,9 @@
 mod e2e;
 
 use e2e::*;
-use roller_fleet::{BASTION_NAME, Bastion, Fleet, FleetSpec, JarSpec};
+use roller_fleet::{Bastion, Fleet, FleetSpec, JarSpec};
 
 const HOSTS: usize = 12;
-
-fn bastion_logins(fleet: &Fleet) -> usize {
-    let log = fleet.host_dir(BASTION_NAME).join("sshd").join("sshd.log");
-    std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .matches("Accepted publickey")
-        .count()
-}
 
 #[test]
 fn a_rollout_under_load_reaches_twelve_hosts_only_through_the_bastion() {

@@ -129,6 +129,18 @@ pub fn inventory_with(fleet: &Fleet, edits: &[(&str, &str, toml::Value)]) -> Pat
     path
 }
 
+/// Logins the fleet's bastion accepted so far, from its sshd's log.
+pub fn bastion_logins(fleet: &Fleet) -> usize {
+    let log = fleet
+        .host_dir(roller_fleet::BASTION_NAME)
+        .join("sshd")
+        .join("sshd.log");
+    std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .matches("Accepted publickey")
+        .count()
+}
+
 pub fn start_load(fleet: &Fleet) -> Load {
     let load = Load::start(&fleet.lb_url(), LOAD_CLIENTS);
     assert!(
