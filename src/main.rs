@@ -5,9 +5,10 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use roller::commands::canary_decision::{self, Decision};
 use roller::commands::check::CheckRequest;
@@ -21,7 +22,9 @@ use roller::error::Error;
 use roller::executor::FailurePolicy;
 use roller::inventory::{Inventory, Strategy};
 use roller::plan::BatchSize;
-use roller::report::{JsonReporter, Outcome, PlainReporter, ProgressReporter, Reporter};
+use roller::report::{
+    JsonReporter, Outcome, PlainReporter, ProgressReporter, QuietReporter, Reporter, json_event,
+};
 use roller::selection::Selection;
 
 /// Exit codes, documented in the README.
@@ -46,29 +49,65 @@ mod exit {
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Print only errors, and the final report when a run did not succeed (with
+    /// --output json: the report, no step events). For cron and release jobs.
+    #[arg(long, short = 'q', global = true)]
+    quiet: bool,
+}
+
+/// `--quiet`, set once from the command line before any command runs.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Print what a rollout would do, offline: no network, no SSH.
+    #[command(
+        after_help = "Examples:\n  roller plan -i roller.toml -a shop-2.4.0.jar --batch 25%\n  roller plan -i roller.toml --release v2 --output json > plan.json"
+    )]
     Plan(PlanArgs),
     /// Perform a rollout.
+    #[command(
+        after_help = "Examples:\n  roller rollout -i roller.toml -a shop-2.4.0.jar --batch 1\n  roller rollout -i roller.toml -a shop.jar --batch 25% --lock-wait 10m --output json --quiet"
+    )]
     Rollout(RolloutArgs),
     /// Finish a rollout that was interrupted, halted, or whose controller died.
+    #[command(after_help = "Example:\n  roller resume -i roller.toml")]
     Resume(ResumeArgs),
     /// Put every host back on its release from before an unfinished rollout, and in the pool.
+    #[command(after_help = "Example:\n  roller recover -i roller.toml")]
     Recover(ResumeArgs),
     /// Remove the deploy lock, whoever holds it.
+    #[command(
+        after_help = "Example (only when `roller status` shows no live holder):\n  roller unlock -i roller.toml"
+    )]
     Unlock(UnlockArgs),
     /// Blue-green: send traffic back to the other slot (one reload, no restart).
+    #[command(after_help = "Example:\n  roller switch-back -i roller.toml")]
     SwitchBack(SwitchBackArgs),
     /// Canary with --pause: let the paused rollout go on to the rest of the fleet.
+    #[command(after_help = "Example:\n  roller promote -i roller.toml")]
     Promote(UnlockArgs),
     /// Canary with --pause: roll the canary back and stop.
+    #[command(after_help = "Example:\n  roller abort -i roller.toml")]
     Abort(UnlockArgs),
     /// Check that a rollout could start: inventory, every host and load balancer, the deploy
     /// lock; changes nothing. Exit 0 only when a rollout could start.
+    #[command(
+        after_help = "Examples:\n  roller check -i roller.toml\n  roller check -i roller.toml --tag az-a --output json"
+    )]
     Check(CheckArgs),
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  roller completions bash > /etc/bash_completion.d/roller\n  roller completions zsh > \"${fpath[1]}/_roller\"\n  roller completions fish > ~/.config/fish/completions/roller.fish"
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Args)]
@@ -220,6 +259,16 @@ impl From<Policy> for FailurePolicy {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    QUIET.store(cli.quiet, Ordering::Relaxed);
+    if let Command::Completions { shell } = &cli.command {
+        clap_complete::generate(
+            *shell,
+            &mut Cli::command(),
+            "roller",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ROLLER_LOG")
@@ -235,6 +284,7 @@ fn main() -> ExitCode {
         Command::SwitchBack(a) => a.common.output,
         Command::Promote(a) | Command::Abort(a) => a.common.output,
         Command::Check(a) => a.common.output,
+        Command::Completions { .. } => unreachable!("handled above"),
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -253,6 +303,7 @@ fn main() -> ExitCode {
         Command::Promote(args) => runtime.block_on(decide(args, Decision::Promote)),
         Command::Abort(args) => runtime.block_on(decide(args, Decision::Abort)),
         Command::Check(args) => runtime.block_on(check_command(args)),
+        Command::Completions { .. } => unreachable!("handled above"),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -322,7 +373,10 @@ fn report_error(error: &Error, output: Output) {
         };
         println!(
             "{}",
-            serde_json::json!({ "event": "error", "message": error.to_string(), "error": detail })
+            json_event(
+                "error",
+                serde_json::json!({ "message": error.to_string(), "error": detail })
+            )
         );
     }
     eprintln!("error: {error}");
@@ -345,7 +399,7 @@ async fn load_inventory(common: &Common) -> Result<Inventory, Error> {
     if let Some(discovery) = &inventory.discovery {
         let found = discovery.find().await?;
         inventory.hosts = discovery::into_hosts(&found, discovery.user());
-        if common.output == Output::Text {
+        if common.output == Output::Text && !quiet() {
             eprintln!(
                 "found {} hosts ({}): {}",
                 inventory.hosts.len(),
@@ -450,7 +504,10 @@ async fn decide(args: &UnlockArgs, decision: Decision) -> Result<u8, Error> {
     match args.common.output {
         Output::Json => println!(
             "{}",
-            serde_json::json!({ "event": decision, "rollout": state.id, "release": state.release })
+            json_event(
+                decision,
+                serde_json::json!({ "rollout": state.id, "release": state.release })
+            )
         ),
         Output::Text => println!(
             "told rollout {} of {} to {decision}",
@@ -471,8 +528,9 @@ async fn check_command(args: &CheckArgs) -> Result<u8, Error> {
     match args.common.output {
         Output::Json => println!(
             "{}",
-            serde_json::json!({ "event": "check", "check": report })
+            json_event("check", serde_json::json!({ "check": report }))
         ),
+        Output::Text if quiet() && report.ready => {}
         Output::Text => print!("{}", report.render_text()),
     }
     Ok(if report.ready {
@@ -488,7 +546,7 @@ async fn unlock_command(args: &UnlockArgs) -> Result<u8, Error> {
     match (&removed, args.common.output) {
         (_, Output::Json) => println!(
             "{}",
-            serde_json::json!({ "event": "unlocked", "removed": removed })
+            json_event("unlocked", serde_json::json!({ "removed": removed }))
         ),
         (Some(holder), Output::Text) => println!("removed the deploy lock held by {holder}"),
         (None, Output::Text) => println!("there was no deploy lock"),
@@ -500,7 +558,8 @@ async fn unlock_command(args: &UnlockArgs) -> Result<u8, Error> {
 fn display(output: Output) -> impl Fn(&Inventory) -> Arc<dyn Reporter> {
     move |inventory: &Inventory| -> Arc<dyn Reporter> {
         match output {
-            Output::Json => Arc::new(JsonReporter),
+            Output::Json => Arc::new(JsonReporter { quiet: quiet() }),
+            Output::Text if quiet() => Arc::new(QuietReporter),
             Output::Text if std::io::stderr().is_terminal() => {
                 let mut targets: Vec<String> =
                     inventory.hosts.iter().map(|h| h.name.clone()).collect();
@@ -514,7 +573,8 @@ fn display(output: Output) -> impl Fn(&Inventory) -> Arc<dyn Reporter> {
 
 /// The report of a run that reached the executor, and its exit code.
 fn finished(finished: Finished, output: Output) -> Result<u8, Error> {
-    if output == Output::Text {
+    let succeeded = finished.report.outcome == Outcome::Succeeded;
+    if output == Output::Text && !(quiet() && succeeded) {
         print!("{}", finished.report.render_text());
         eprintln!("journal: {}", finished.journal.display());
     }

@@ -210,17 +210,47 @@ pub trait Reporter: Send + Sync {
     fn finish(&self, _report: &RolloutReport) {}
 }
 
-/// One JSON document per line on stdout, for release jobs.
-pub struct JsonReporter;
+/// The version of every JSON document roller prints (events, reports, errors, plans): raised
+/// when a field is removed or changes meaning, never for an added one.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// `{"schema_version": .., "event": event, ..fields}`: the shape of every JSON line roller
+/// prints, so a release job can check the version before it reads anything else.
+pub fn json_event(event: &str, fields: serde_json::Value) -> serde_json::Value {
+    let mut doc = serde_json::json!({ "schema_version": SCHEMA_VERSION, "event": event });
+    if let (Some(doc), serde_json::Value::Object(fields)) = (doc.as_object_mut(), fields) {
+        doc.extend(fields);
+    }
+    doc
+}
+
+/// One JSON document per line on stdout, for release jobs; `quiet` leaves out the step events
+/// and keeps the final report.
+pub struct JsonReporter {
+    pub quiet: bool,
+}
 
 impl Reporter for JsonReporter {
     fn event(&self, event: &Event) {
-        json_line(&serde_json::json!({ "event": "step", "step": event }));
+        if !self.quiet {
+            json_line(&json_event("step", serde_json::json!({ "step": event })));
+        }
     }
 
     fn finish(&self, report: &RolloutReport) {
-        json_line(&serde_json::json!({ "event": "report", "report": report }));
+        json_line(&json_event(
+            "report",
+            serde_json::json!({ "report": report }),
+        ));
     }
+}
+
+/// Reports nothing while the rollout runs: `--quiet` on text output, where the final report is
+/// printed only when something did not succeed.
+pub struct QuietReporter;
+
+impl Reporter for QuietReporter {
+    fn event(&self, _event: &Event) {}
 }
 
 fn json_line(value: &serde_json::Value) {
