@@ -23,6 +23,12 @@ impl Fleet {
         self.nginx().upstream_file()
     }
 
+    /// The LB's nginx (binary and prefix), for tools that drive it the way roller does, such
+    /// as the bench's OpenSSH baseline.
+    pub fn lb_nginx(&self) -> Nginx {
+        self.nginx()
+    }
+
     /// The LB's upstream file as it is on disk now.
     pub fn upstream_text(&self) -> String {
         std::fs::read_to_string(self.upstream_file()).unwrap_or_default()

@@ -22,7 +22,10 @@ pub mod users;
 use std::path::PathBuf;
 
 pub use bastion::BastionEndpoint;
-pub use fleet::{BASTION_NAME, Fleet, RESTART_SLOT, SINGLE_APP_NAME, SLOTS, STOP, STOP_SLOT};
+pub use fleet::{
+    APP_DIR, BASTION_NAME, Fleet, HEALTH_PATH, JAR_NAME, RESTART, RESTART_SLOT, SINGLE_APP_NAME,
+    SLOTS, STOP, STOP_SLOT,
+};
 pub use jar::{Behaviour, JarSpec, build_jar};
 pub use load::{Load, LoadOptions, LoadReport};
 pub use spec::{Bastion, FleetSpec, Mode};

@@ -1,18 +1,23 @@
-//! `cargo xtask bench`: how fast roller itself is on a local fleet, and how fast the SSH
-//! transport uploads, measured on a quiet machine and reported rather than asserted.
+//! `cargo xtask bench`: how fast roller is on a local fleet next to the floor (the same
+//! rollout as a plain OpenSSH ControlMaster script, in turn on the same fleet), and how fast
+//! the SSH transport uploads; measured and reported rather than asserted.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use roller_fleet::{Fleet, FleetSpec, JarSpec, proc};
 
+use crate::floor::{self, BatchTimes};
 use crate::{BENCH_NET, CI_STEP_TIMEOUT, cargo, workspace_root};
 
 pub(crate) fn bench(
     hosts: usize,
     root: Option<PathBuf>,
     roller: Option<PathBuf>,
+    batches: &[usize],
+    rounds: usize,
 ) -> anyhow::Result<bool> {
     let root = root.unwrap_or_else(|| roller_fleet::target_dir().join("fleet-bench"));
     let roller = match roller {
@@ -22,40 +27,137 @@ pub(crate) fn bench(
     // Lean logins everywhere, the LB's included: the hosts' shell start-up is not roller's time.
     let mut fleet =
         Fleet::up(FleetSpec::new(&root, hosts, BENCH_NET).with_lean_logins_everywhere())?;
-    let v2 = fleet.jar(&JarSpec::healthy("v2"))?;
-    let out = Command::new(&roller)
-        .arg("rollout")
-        .arg("--inventory")
-        .arg(fleet.inventory_path())
-        .arg("--artifact")
-        .arg(&v2)
-        .args(["--release", "v2", "--batch", "1", "--output", "json"])
-        .arg("--journal-dir")
-        .arg(roller_fleet::target_dir().join("fleet-bench-journal"))
-        .output()
-        .context("running roller")?;
+    let result = alternate(&fleet, &roller, batches, rounds.max(1));
     fleet.down();
-    let events_file = roller_fleet::target_dir().join("fleet-bench-events.jsonl");
+    let met = result?;
+    println!("\n{}", upload_speed());
+    Ok(met)
+}
+
+/// Roller and the floor script in turn on one fleet, `rounds` times per batch size, each
+/// rollout a new release (two jars taking turns), so both meet the same machine load.
+fn alternate(
+    fleet: &Fleet,
+    roller: &Path,
+    batches: &[usize],
+    rounds: usize,
+) -> anyhow::Result<bool> {
+    let jars = [
+        fleet.jar(&JarSpec::healthy("v2"))?,
+        fleet.jar(&JarSpec::healthy("v3"))?,
+    ];
+    let work = roller_fleet::target_dir().join("fleet-bench-work");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let mut n = 0;
+    let mut met = true;
+    for &batch in batches {
+        println!(
+            "\n{} hosts, batch {batch}: roller and the OpenSSH ControlMaster floor in turn",
+            fleet.host_names().len()
+        );
+        println!(
+            "round  roller s  floor s  roller/floor  roller own ms/batch  floor own ms/batch  reloads"
+        );
+        let (mut ratios, mut owns) = (Vec::new(), Vec::new());
+        for round in 1..=rounds {
+            n += 1;
+            let ours = roller_rollout(roller, fleet, &jars[n % 2], &format!("r{n}"), batch, &work)?;
+            n += 1;
+            let floor = floor::rollout(fleet, &jars[n % 2], &format!("f{n}"), batch, &work)?;
+            let ratio = ours.wall.as_secs_f64() / floor.wall.as_secs_f64();
+            let own = mean_own(&ours.batches);
+            ratios.push(ratio);
+            owns.push(own);
+            println!(
+                "{round:>5}  {:>8.2}  {:>7.2}  {ratio:>12.2}  {own:>19}  {:>18}  {:>7}",
+                ours.wall.as_secs_f64(),
+                floor.wall.as_secs_f64(),
+                mean_own(&floor.batches),
+                ours.reloads
+            );
+        }
+        let (ratio, own) = (
+            median(&mut ratios),
+            median(&mut owns.iter().map(|&o| o as f64).collect::<Vec<_>>()),
+        );
+        let ok = ratio <= 0.9 && own < 150.0;
+        met &= ok;
+        println!(
+            "median: roller/floor {ratio:.2} (target <= 0.90), roller's own time per batch {own:.0} ms (target < 150 ms): {}",
+            if ok { "met" } else { "MISSED" }
+        );
+    }
+    Ok(met)
+}
+
+fn mean_own(batches: &[BatchTimes]) -> u64 {
+    if batches.is_empty() {
+        return 0;
+    }
+    batches.iter().map(BatchTimes::own_ms).sum::<u64>() / batches.len() as u64
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+struct RollerRun {
+    wall: Duration,
+    batches: Vec<BatchTimes>,
+    reloads: usize,
+}
+
+fn roller_rollout(
+    roller: &Path,
+    fleet: &Fleet,
+    jar: &Path,
+    release: &str,
+    batch: usize,
+    work: &Path,
+) -> anyhow::Result<RollerRun> {
+    let started = Instant::now();
+    let out = proc::run(
+        Command::new(roller)
+            .arg("rollout")
+            .arg("--inventory")
+            .arg(fleet.inventory_path())
+            .arg("--artifact")
+            .arg(jar)
+            .args([
+                "--release",
+                release,
+                "--batch",
+                &batch.to_string(),
+                "--output",
+                "json",
+            ])
+            .arg("--journal-dir")
+            .arg(work.join("journal")),
+        CI_STEP_TIMEOUT,
+    )?;
+    let wall = started.elapsed();
+    let events_file = work.join(format!("{release}.events.jsonl"));
     std::fs::write(&events_file, &out.stdout)
         .with_context(|| format!("writing {}", events_file.display()))?;
     if !out.status.success() {
-        bail!(
-            "the rollout failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("the rollout failed ({}): {}", out.status, out.stderr);
     }
-    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+    let events: Vec<serde_json::Value> = out
+        .stdout
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .filter(|e: &serde_json::Value| e["event"] == "step")
         .map(|e| e["step"].clone())
         .collect();
-    let mut overheads = Vec::new();
-    println!("\nbatch  wall ms  restart ms  health ms  roller ms");
-    for batch in 1..=hosts as u64 {
+    let mut batches = Vec::new();
+    for number in 1.. {
         let of_batch: Vec<&serde_json::Value> =
-            events.iter().filter(|e| e["batch"] == batch).collect();
+            events.iter().filter(|e| e["batch"] == number).collect();
+        if of_batch.is_empty() {
+            break;
+        }
         let first = of_batch
             .iter()
             .filter(|e| e["state"] == "started")
@@ -70,46 +172,31 @@ pub(crate) fn bench(
                 .max()
                 .unwrap_or(0)
         };
-        let (Some(first), Some(last)) = (first, last) else {
-            continue;
-        };
-        let (restart, health) = (longest("restart"), longest("health-check"));
-        let overhead = (last - first).saturating_sub(restart + health);
-        overheads.push(overhead);
-        println!(
-            "{batch:>5}  {:>7}  {restart:>10}  {health:>9}  {overhead:>9}",
-            last - first
+        if let (Some(first), Some(last)) = (first, last) {
+            batches.push(BatchTimes {
+                wall_ms: last - first,
+                restart_ms: longest("restart"),
+                health_ms: longest("health-check"),
+            });
+        }
+    }
+    if batches.is_empty() {
+        bail!(
+            "no batch events in roller's output ({})",
+            events_file.display()
         );
     }
-    if overheads.is_empty() {
-        bail!("no batch events in roller's output");
-    }
-    let mean = overheads.iter().sum::<u64>() / overheads.len() as u64;
-    // The switch step is one rename: its time is what any remote command costs on these
-    // hosts, the deploy user's login shell starting included.
-    let command_ms = events
-        .iter()
-        .filter(|e| e["phase"] == "switch")
-        .filter_map(|e| e["elapsed_ms"].as_u64())
-        .min()
-        .unwrap_or(0);
     // Every reload starts a generation of nginx workers that roller waits out, and closes
-    // the clients' idle keep-alive connections: fewer is better, B + 1 for B batches at best.
+    // the clients' idle keep-alive connections: B + 1 for B batches at best.
     let reloads = events
         .iter()
         .filter(|e| e["state"] == "succeeded" && e["down"].is_array())
         .count();
-    println!("\nroller's own time per batch: {mean} ms on average (target: < 400 ms)");
-    println!(
-        "nginx reloads in the rollout: {reloads} for {} batches (one per batch boundary: {})",
-        overheads.len(),
-        overheads.len() + 1
-    );
-    println!(
-        "one remote command costs {command_ms} ms on these hosts (a rename, login shell included); a batch runs 6 besides the restart"
-    );
-    println!("{}", upload_speed());
-    Ok(mean < 400)
+    Ok(RollerRun {
+        wall,
+        batches,
+        reloads,
+    })
 }
 
 /// The upload speed that the SSH transport test for a 100 MiB jar prints, run on its own so

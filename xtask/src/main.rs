@@ -6,6 +6,7 @@
 //! speed floor fails for reasons that are not roller's.
 
 mod bench;
+mod floor;
 mod setup;
 
 use std::ffi::OsString;
@@ -64,13 +65,19 @@ enum Task {
     },
     /// What CI runs: fmt check, clippy with warnings denied, then `test`.
     Ci,
-    /// roller's own time per batch on a local fleet: a batch's wall time minus its restart and
-    /// health check, which belong to the app. Target: under the ~0.4 s a ControlMaster script
-    /// spends doing the same steps. Also reports the SSH transport's upload speed for a
-    /// 100 MiB jar.
+    /// Roller against the floor on a local fleet: each rollout in turn with a plain OpenSSH
+    /// ControlMaster script doing the same steps; prints roller/floor wall time and roller's
+    /// own time per batch beyond the app's restart-to-healthy (targets: <= 0.9 and < 150 ms).
+    /// Also reports the SSH transport's upload speed for a 100 MiB jar.
     Bench {
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 8)]
         hosts: usize,
+        /// Batch sizes to measure, each in its own rounds.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        batch: Vec<usize>,
+        /// Rollouts of each kind per batch size (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// Defaults to target/fleet-bench.
         #[arg(long)]
         root: Option<PathBuf>,
@@ -133,9 +140,11 @@ fn main() -> ExitCode {
         Task::Ci => ci(),
         Task::Bench {
             hosts,
+            batch,
+            rounds,
             root,
             roller,
-        } => bench::bench(hosts, root, roller),
+        } => bench::bench(hosts, root, roller, &batch, rounds),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
