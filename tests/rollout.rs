@@ -240,3 +240,25 @@ fn a_pid_file_or_a_reload_that_does_not_reach_nginx_is_refused_naming_the_load_b
         assert_eq!(host["in_pool"], true, "{host}");
     }
 }
+
+/// The light stand-in that large local fleets run instead of a JVM keeps the same contract:
+/// a rollout across it under load fails no request and leaves every host on the release.
+#[test]
+fn rolls_out_across_a_light_fleet_without_failing_a_request() {
+    let fleet = Fleet::up(FleetSpec::for_test("light", 3).with_light_apps()).unwrap();
+    let v2 = fleet.jar(&JarSpec::healthy("v2")).unwrap();
+    let load = start_load(&fleet);
+
+    let run = rollout(&fleet.inventory_path(), &v2, "v2", "1");
+    let traffic = load.stop();
+
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_no_failed_requests(&traffic);
+    assert!(traffic.versions.contains_key("v1") && traffic.versions.contains_key("v2"));
+    assert_fleet_on(&fleet, "v2", "v2");
+    for host in fleet.host_names() {
+        let pid = fleet.app_pid(&host).unwrap();
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(cmdline.contains("light-app.py"), "{host} runs {cmdline:?}");
+    }
+}

@@ -1,11 +1,12 @@
 #!/bin/sh
 # Restarts the demo service on this local fleet host. roller runs it over SSH from the host's
 # directory, and it must return at once: the JVM is detached from the SSH channel (own session,
-# no inherited stdin/stdout), or the channel would stay open for as long as the JVM runs.
+# no inherited stdin/stdout), or the channel would stay open for as long as the JVM runs. A
+# light fleet runs fleet/light/light-app.py with python3 instead of the JVM, same contract.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 here=$(pwd -P)
-java=@JAVA@
+runtime=@RUNTIME@
 address=@ADDRESS@
 port=@PORT@
 
@@ -40,8 +41,6 @@ if [ -s app.pid ]; then
 fi
 
 echo "$(date -u +%FT%TZ) [restart] starting $(readlink shop/current)" >>app.log
-setsid nohup "$java" -Xmx64m -Xss512k -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:-UsePerfData \
-    -Dserver.address="$address" -Dserver.port="$port" -Dsun.net.httpserver.nodelay=true \
-    -jar "$here/shop/current/app.jar" </dev/null >>app.log 2>&1 &
+@LAUNCH@
 echo $! >app.pid
 echo "started pid $!"

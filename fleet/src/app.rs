@@ -236,6 +236,7 @@ pub(crate) fn install_host(host: &HostState, state: &State, v1: &Path) -> anyhow
     std::fs::copy(v1, release.join(JAR_NAME))
         .with_context(|| format!("copying {} to {}", v1.display(), release.display()))?;
     let spec = &state.spec;
+    let runtime = runtime(state)?;
     let (link, scripts) = if spec.mode.is_blue_green() {
         let ports = (spec.app_port, spec.green_port);
         (
@@ -255,7 +256,7 @@ pub(crate) fn install_host(host: &HostState, state: &State, v1: &Path) -> anyhow
             vec![
                 (
                     RESTART,
-                    scripts::restart(&state.java, &host.address, spec.app_port),
+                    scripts::restart(runtime, &host.address, spec.app_port),
                 ),
                 (STOP, scripts::stop()),
                 (
@@ -271,6 +272,11 @@ pub(crate) fn install_host(host: &HostState, state: &State, v1: &Path) -> anyhow
         Path::new("releases").join(INITIAL_RELEASE),
         host.dir.join(APP_DIR).join(link),
     )?;
+    if spec.light_apps {
+        let app = host.dir.join("bin").join("light-app.py");
+        std::fs::write(&app, scripts::LIGHT_APP)?;
+        std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o755))?;
+    }
     for (name, text) in scripts {
         let script = host.dir.join(name);
         std::fs::write(&script, text)?;
@@ -278,6 +284,24 @@ pub(crate) fn install_host(host: &HostState, state: &State, v1: &Path) -> anyhow
     }
     Ok(())
 }
+
+/// What `bin/restart` starts on this fleet's hosts.
+fn runtime(state: &State) -> anyhow::Result<scripts::Runtime<'_>> {
+    if !state.spec.light_apps {
+        return Ok(scripts::Runtime::Jvm(&state.java));
+    }
+    if state.spec.mode.is_blue_green() {
+        anyhow::bail!("light apps stand in for rolling hosts only");
+    }
+    // The system's python3, not a per-user shim (pyenv): the hosts' users must run it too.
+    let python = Path::new(LIGHT_PYTHON);
+    if !python.is_file() {
+        anyhow::bail!("light apps need {LIGHT_PYTHON} (Debian package python3)");
+    }
+    Ok(scripts::Runtime::Light(python))
+}
+
+const LIGHT_PYTHON: &str = "/usr/bin/python3";
 
 /// Runs a host script (`args[0]`, relative to the host's directory) as roller would, from the
 /// host's directory.

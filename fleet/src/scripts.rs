@@ -17,14 +17,40 @@ const STOP_SLOT: &str = include_str!("../scripts/stop-slot.sh");
 /// Argument check, paths and stopping a slot's JVM: what both slot scripts start with.
 const SLOT_COMMON: &str = include_str!("../scripts/slot-common.sh");
 
-/// `bin/restart`: (re)starts the host's single JVM on `port`.
-pub(crate) fn restart(java: &Path, address: &str, port: u16) -> String {
+/// What an app host runs: the demo JVM, or the light stand-in that speaks the same HTTP and
+/// start-up contract for fleets of a hundred hosts on one machine.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Runtime<'a> {
+    Jvm(&'a Path),
+    /// python3 running `bin/light-app.py`.
+    Light(&'a Path),
+}
+
+/// The light stand-in for the JVM service, installed as `bin/light-app.py` on light fleets.
+pub(crate) const LIGHT_APP: &str = include_str!("../light/light-app.py");
+
+/// `bin/restart`: (re)starts the host's single app on `port`.
+pub(crate) fn restart(runtime: Runtime<'_>, address: &str, port: u16) -> String {
+    let (binary, launch) = match runtime {
+        Runtime::Jvm(java) => (
+            java,
+            "setsid nohup \"$runtime\" -Xmx64m -Xss512k -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:-UsePerfData \\\n    \
+             -Dserver.address=\"$address\" -Dserver.port=\"$port\" -Dsun.net.httpserver.nodelay=true \\\n    \
+             -jar \"$here/shop/current/app.jar\" </dev/null >>app.log 2>&1 &\n",
+        ),
+        Runtime::Light(python) => (
+            python,
+            "setsid nohup \"$runtime\" \"$here/bin/light-app.py\" \"$address\" \"$port\" \\\n    \
+             \"$here/shop/current/app.jar\" </dev/null >>app.log 2>&1 &\n",
+        ),
+    };
     fill(
         RESTART,
         &[
-            ("JAVA", shell_quote(java)),
+            ("RUNTIME", shell_quote(binary)),
             ("ADDRESS", shell_quote(address)),
             ("PORT", port.to_string()),
+            ("LAUNCH", launch.to_string()),
         ],
     )
 }
@@ -99,7 +125,15 @@ mod tests {
     fn all() -> Vec<(&'static str, String)> {
         let java = Path::new("/usr/lib/jvm/java 21/bin/java");
         vec![
-            ("restart", restart(java, "127.1.2.11", 8080)),
+            ("restart", restart(Runtime::Jvm(java), "127.1.2.11", 8080)),
+            (
+                "restart (light)",
+                restart(
+                    Runtime::Light(Path::new("/usr/bin/python3")),
+                    "127.1.2.11",
+                    8080,
+                ),
+            ),
             ("stop", stop()),
             (
                 "restart-slot",
@@ -131,16 +165,26 @@ mod tests {
         let scripts = all();
         let restart = &scripts[0].1;
         assert!(
-            restart.contains("\njava='/usr/lib/jvm/java 21/bin/java'\n"),
+            restart.contains("\nruntime='/usr/lib/jvm/java 21/bin/java'\n"),
             "{restart}"
         );
         assert!(
             restart.contains("\naddress=127.1.2.11\nport=8080\n"),
             "{restart}"
         );
-        let restart_slot = &scripts[2].1;
+        assert!(
+            restart.contains("-jar \"$here/shop/current/app.jar\""),
+            "{restart}"
+        );
+        let light = &scripts[1].1;
+        assert!(light.contains("\nruntime=/usr/bin/python3\n"), "{light}");
+        assert!(
+            light.contains("\"$here/bin/light-app.py\" \"$address\" \"$port\""),
+            "{light}"
+        );
+        let restart_slot = &scripts[3].1;
         assert!(restart_slot.contains("    blue) port=8081 ;;\n    green) port=8082 ;;\n"));
         assert!(restart_slot.contains("\nstop_slot() {\n"), "{restart_slot}");
-        assert!(scripts[3].1.contains("\nstop_slot() {\n"));
+        assert!(scripts[4].1.contains("\nstop_slot() {\n"));
     }
 }

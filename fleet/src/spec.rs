@@ -79,6 +79,10 @@ pub struct FleetSpec {
     /// [`Login::RootLean`] instead of the current user, when the fleet runs as root.
     #[serde(default)]
     pub lean_lb: bool,
+    /// Rolling app hosts run the light stand-in (`fleet/light/light-app.py`, python3) instead
+    /// of a JVM: a hundred of them fit on one machine.
+    #[serde(default)]
+    pub light_apps: bool,
 }
 
 /// A bastion host in front of the fleet, as in a cloud VPC where the hosts have private
@@ -116,6 +120,7 @@ impl FleetSpec {
             refuse_forwarding: false,
             app_logins: Vec::new(),
             lean_lb: false,
+            light_apps: false,
         }
     }
 
@@ -216,6 +221,13 @@ impl FleetSpec {
     pub fn with_lean_logins_everywhere(mut self) -> Self {
         self.app_logins = vec![Login::Lean];
         self.lean_lb = true;
+        self
+    }
+
+    /// App hosts run the light stand-in for the JVM service (same endpoints, start-up and
+    /// SIGTERM contract), so that a fleet of a hundred hosts fits on one machine. Rolling only.
+    pub fn with_light_apps(mut self) -> Self {
+        self.light_apps = true;
         self
     }
 
@@ -373,6 +385,7 @@ mod tests {
         object.remove("bastion");
         object.remove("refuse_forwarding");
         object.remove("app_logins");
+        object.remove("light_apps");
         assert_eq!(serde_json::from_value::<FleetSpec>(old).unwrap(), spec);
     }
 }
