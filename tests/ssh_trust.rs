@@ -1,6 +1,7 @@
 //! Whom the SSH transport trusts and how it proves who it is, against a real OpenSSH sshd:
 //! host keys as OpenSSH reads known_hosts (unknown, changed, `@revoked`, `@cert-authority`),
-//! a client key the host does not accept, and a key held by ssh-agent.
+//! a client key the host does not accept, a key held by ssh-agent, and a user certificate
+//! signed by a CA the host trusts.
 //!
 //! Every test runs its own sshd on its own loopback address (127.79.<n>.1, numbered apart from
 //! `ssh_transport.rs`'s) in a tempdir; the `Sshd` guard stops it by PID when the test ends.
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use roller::transport::ssh::{SshConnector, SshSettings};
 use roller::transport::{Connector, Endpoint, TransportError};
-use roller_fleet::sshd::{ClientKey, generate_client_key};
+use roller_fleet::sshd::{ClientKey, Sshd, SshdOptions, SshdSpec, generate_client_key};
 use support::{Host, current_user};
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -272,5 +273,136 @@ async fn a_host_key_known_only_through_a_cert_authority_is_refused_clearly() {
             "{e}"
         ),
         Ok(_) => panic!("expected a refusal, got a session"),
+    }
+}
+
+/// `ssh-keygen` at test time only: a user CA, and certificates it signs.
+fn ssh_keygen(args: &[&str]) {
+    let out = std::process::Command::new("ssh-keygen")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("ssh-keygen (openssh-client) on PATH");
+    assert!(
+        out.status.success(),
+        "ssh-keygen {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A client key in `dir/<name>` whose certificate (`<name>-cert.pub`, beside it, where roller
+/// and OpenSSH look) the CA at `ca` signed for `principal`.
+fn certified_key(dir: &Path, name: &str, ca: &Path, principal: &str) -> ClientKey {
+    let key = generate_client_key(&dir.join(name)).unwrap();
+    let public = format!("{}.pub", key.private_key.display());
+    let ca = ca.to_str().unwrap();
+    ssh_keygen(&[
+        "-q",
+        "-s",
+        ca,
+        "-I",
+        "roller-test",
+        "-n",
+        principal,
+        "-V",
+        "-5m:+1h",
+        &public,
+    ]);
+    assert!(dir.join(format!("{name}-cert.pub")).exists());
+    key
+}
+
+/// A host that trusts a user CA and lists no client key at all: only a certificate the CA
+/// signed, for the login's principal, gets in, as in fleets that hand out short-lived
+/// certificates instead of managing authorized_keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_a_trusted_user_ca_logs_in_and_the_bare_key_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("user_ca");
+    ssh_keygen(&[
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "",
+        "-C",
+        "user-ca",
+        "-f",
+        ca.to_str().unwrap(),
+    ]);
+    let authorized_keys = dir.path().join("authorized_keys");
+    std::fs::write(&authorized_keys, "").unwrap();
+    let address = "127.79.22.1";
+    let sshd = Sshd::start(SshdSpec {
+        dir: dir.path().join("sshd"),
+        address: address.into(),
+        port: support::free_port(address),
+        authorized_keys,
+        session_dir: None,
+        options: SshdOptions {
+            trusted_user_ca_keys: Some(dir.path().join("user_ca.pub")),
+            ..SshdOptions::default()
+        },
+    })
+    .unwrap();
+    let known_hosts = dir.path().join("known_hosts");
+    std::fs::write(&known_hosts, format!("{}\n", sshd.known_hosts_line())).unwrap();
+    let endpoint = Endpoint {
+        name: "certified".into(),
+        address: address.into(),
+        port: sshd.port(),
+        ..Endpoint::default()
+    };
+    let connect = |key: &ClientKey| {
+        let mut settings = SshSettings::new(
+            current_user(),
+            Some(key.private_key.clone()),
+            known_hosts.clone(),
+        );
+        settings.connect_timeout = Duration::from_secs(10);
+        let endpoint = endpoint.clone();
+        async move { SshConnector::new(settings)?.connect(&endpoint).await }
+    };
+    let log = || std::fs::read_to_string(dir.path().join("sshd/sshd.log")).unwrap_or_default();
+
+    let key = certified_key(dir.path(), "id_ed25519", &ca, &current_user());
+    let session = connect(&key)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", log()));
+    let out = session.exec("id -un", None, DEADLINE).await.unwrap();
+    assert_eq!(out.stdout_text(), current_user());
+    session.close().await;
+    assert!(
+        log().contains("ED25519-CERT"),
+        "not the certificate: {}",
+        log()
+    );
+
+    // The same key without its certificate: sshd knows no such key.
+    let bare = dir.path().join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    std::fs::copy(&key.private_key, bare.join("id_ed25519")).unwrap();
+    let bare_key = ClientKey {
+        private_key: bare.join("id_ed25519"),
+        public_key_line: key.public_key_line.clone(),
+    };
+    match connect(&bare_key).await {
+        Err(TransportError::Auth { detail, .. }) => {
+            assert!(detail.contains("server rejected key"), "{detail}");
+            assert!(!detail.contains("certificate"), "{detail}");
+        }
+        Err(other) => panic!("expected Auth, got {other:?}"),
+        Ok(_) => panic!("logged in without the certificate"),
+    }
+
+    // A certificate for another principal is refused too, and the error says a certificate
+    // was offered.
+    let other = certified_key(dir.path(), "other_ed25519", &ca, "someone-else");
+    match connect(&other).await {
+        Err(TransportError::Auth { detail, .. }) => {
+            assert!(detail.contains("and its certificate"), "{detail}");
+        }
+        Err(other) => panic!("expected Auth, got {other:?}"),
+        Ok(_) => panic!("logged in with another principal's certificate"),
     }
 }

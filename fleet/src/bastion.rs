@@ -70,6 +70,7 @@ impl Fleet {
             allow_only_from: (spec.bastion == Bastion::Only && !is_bastion)
                 .then(|| spec.bastion_address()),
             refuse_forwarding: spec.refuse_forwarding && !is_bastion,
+            trusted_user_ca_keys: None,
         };
         SshdSpec {
             dir: host.sshd_dir(),

@@ -119,6 +119,9 @@ pub struct SshdOptions {
     /// `AllowTcpForwarding no`, as on hardened hosts: no port forwarding through this host,
     /// so nothing reaches a port behind it the way roller's health checks do by default.
     pub refuse_forwarding: bool,
+    /// `TrustedUserCAKeys`: a user certificate signed by one of these keys logs in (as the
+    /// principals it names), whether or not `authorized_keys` lists the key.
+    pub trusted_user_ca_keys: Option<PathBuf>,
 }
 
 /// A running sshd, stopped on drop unless detached.
@@ -512,6 +515,9 @@ fn sshd_config(
     if let Some(address) = &spec.options.allow_only_from {
         // With UseDNS no, the host part is matched against the client's address.
         config.push_str(&format!("AllowUsers *@{address}\n"));
+    }
+    if let Some(ca_keys) = &spec.options.trusted_user_ca_keys {
+        config.push_str(&format!("TrustedUserCAKeys {}\n", ca_keys.display()));
     }
     if let Some(enter) = force_command {
         config.push_str(&format!("ForceCommand {enter}\n"));
