@@ -64,11 +64,26 @@ impl Status {
     }
 }
 
+/// What a run set out to do: a new release, or a way back to one the hosts already hold.
+/// Recorded so that `resume`, `recover` and the history tell a rollback from a rollout: a
+/// resumed rollback needs no jar.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunKind {
+    #[default]
+    Rollout,
+    /// `roller rollback`: `current` back to a release already on every host, no upload.
+    Rollback,
+}
+
 /// The rollout as `resume` and `recover` need to know it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutState {
     #[serde(default)]
     pub strategy: crate::inventory::Strategy,
+    /// States written before rollbacks existed were rollouts.
+    #[serde(default)]
+    pub kind: RunKind,
     /// 32 hex digits; names the local journal and the canary decisions. Not the lock's token:
     /// that belongs to one controller process.
     pub id: String,
@@ -465,6 +480,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut state = RolloutState {
             strategy: crate::inventory::Strategy::Rolling,
+            kind: RunKind::Rollout,
             id: "0123456789abcdef0123456789abcdef".into(),
             app: "shop".into(),
             release: "v2".into(),

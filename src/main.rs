@@ -14,6 +14,7 @@ use roller::commands::canary_decision::{self, Decision};
 use roller::commands::check::CheckRequest;
 use roller::commands::plan::PlanRequest;
 use roller::commands::resume::ResumeRequest;
+use roller::commands::rollback::RollbackRequest;
 use roller::commands::rollout::RolloutRequest;
 use roller::commands::switch_back::SwitchBackRequest;
 use roller::commands::{self, Finished};
@@ -64,16 +65,21 @@ fn quiet() -> bool {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print what a rollout would do, offline: no network, no SSH.
+    /// Print what a rollout (or, with --rollback-to, a rollback) would do, offline: no network, no SSH.
     #[command(
         after_help = "Examples:\n  roller plan -i roller.toml -a shop-2.4.0.jar --batch 25%\n  roller plan -i roller.toml --release v2 --output json > plan.json"
     )]
-    Plan(PlanArgs),
+    Plan(PlanCommandArgs),
     /// Perform a rollout.
     #[command(
         after_help = "Examples:\n  roller rollout -i roller.toml -a shop-2.4.0.jar --batch 1\n  roller rollout -i roller.toml -a shop.jar --batch 25% --lock-wait 10m --output json --quiet"
     )]
     Rollout(RolloutArgs),
+    /// Roll back to the release before the live one (or --to one), already on the hosts: no upload.
+    #[command(
+        after_help = "Examples:\n  roller rollback -i roller.toml --batch 1\n  roller rollback -i roller.toml --to shop-2.3.9-1a2b3c4d5e6f --output json"
+    )]
+    Rollback(RollbackArgs),
     /// Finish a rollout that was interrupted, halted, or whose controller died.
     #[command(after_help = "Example:\n  roller resume -i roller.toml")]
     Resume(ResumeArgs),
@@ -162,6 +168,15 @@ struct PlanArgs {
 }
 
 #[derive(Args)]
+struct PlanCommandArgs {
+    #[command(flatten)]
+    plan: PlanArgs,
+    /// Plan `roller rollback --to RELEASE` instead: no stage, `current` back to RELEASE.
+    #[arg(long, value_name = "RELEASE", conflicts_with_all = ["artifact", "release"])]
+    rollback_to: Option<String>,
+}
+
+#[derive(Args)]
 struct Control {
     /// Wait this long for another rollout's deploy lock instead of failing at once ("10m").
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -186,6 +201,29 @@ struct RolloutArgs {
     /// Canary: after the last hold, wait for `roller promote` or `roller abort`.
     #[arg(long)]
     pause: bool,
+}
+
+#[derive(Args)]
+struct RollbackArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    select: Select,
+    /// Go back to this release, which every host must hold [default: the release before the
+    /// live one, as each host recorded it in .roller/previous].
+    #[arg(long, value_name = "RELEASE")]
+    to: Option<String>,
+    /// Hosts per batch: a count (1) or a share of the fleet (25%).
+    #[arg(long, short = 'b', default_value = "1")]
+    batch: BatchSize,
+    #[command(flatten)]
+    control: Control,
+    /// What to do when a batch fails.
+    #[arg(long, value_enum, default_value_t = Policy::RollbackBatch)]
+    on_failure: Policy,
+    /// Hosts that may fail, each rolled back alone, before a batch fails as a whole.
+    #[arg(long, default_value_t = 0)]
+    max_failed_hosts: usize,
 }
 
 #[derive(Args)]
@@ -277,8 +315,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let output = match &cli.command {
-        Command::Plan(a) => a.common.output,
+        Command::Plan(a) => a.plan.common.output,
         Command::Rollout(a) => a.plan.common.output,
+        Command::Rollback(a) => a.common.output,
         Command::Resume(a) | Command::Recover(a) => a.common.output,
         Command::Unlock(a) => a.common.output,
         Command::SwitchBack(a) => a.common.output,
@@ -296,6 +335,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Plan(args) => runtime.block_on(plan_command(args)),
         Command::Rollout(args) => runtime.block_on(rollout_command(args)),
+        Command::Rollback(args) => runtime.block_on(rollback_command(args)),
         Command::Resume(args) => runtime.block_on(resume_command(args, false)),
         Command::Recover(args) => runtime.block_on(resume_command(args, true)),
         Command::Unlock(args) => runtime.block_on(unlock_command(args)),
@@ -420,7 +460,8 @@ fn shown_hosts(hosts: &[roller::inventory::Host]) -> String {
         .join(", ")
 }
 
-async fn plan_command(args: &PlanArgs) -> Result<u8, Error> {
+async fn plan_command(command: &PlanCommandArgs) -> Result<u8, Error> {
+    let args = &command.plan;
     let plan = commands::plan::plan(PlanRequest {
         inventory: load_inventory(&args.common).await?,
         artifact: args.artifact.clone(),
@@ -428,6 +469,7 @@ async fn plan_command(args: &PlanArgs) -> Result<u8, Error> {
         batch: args.batch,
         strategy: args.strategy,
         selection: args.select.to_lib(),
+        rollback_to: command.rollback_to.clone(),
     })?;
     match args.common.output {
         Output::Text => print!("{}", plan.render_text()),
@@ -458,6 +500,24 @@ async fn rollout_command(args: &RolloutArgs) -> Result<u8, Error> {
     finished(
         commands::rollout::run(request, &display).await?,
         common.output,
+    )
+}
+
+async fn rollback_command(args: &RollbackArgs) -> Result<u8, Error> {
+    let request = RollbackRequest {
+        inventory: load_inventory(&args.common).await?,
+        inventory_path: args.common.inventory.clone(),
+        to: args.to.clone(),
+        batch: args.batch,
+        on_failure: args.on_failure.into(),
+        max_failed_hosts: args.max_failed_hosts,
+        control: args.control.to_lib(),
+        selection: args.select.to_lib(),
+    };
+    let display = display(args.common.output);
+    finished(
+        commands::rollback::run(request, &display).await?,
+        args.common.output,
     )
 }
 

@@ -204,6 +204,7 @@ mod tests {
     fn prior(status: Status) -> RolloutState {
         RolloutState {
             strategy: Strategy::Rolling,
+            kind: Default::default(),
             id: "0123456789abcdef0123456789abcdef".into(),
             app: "shop".into(),
             release: "v2".into(),

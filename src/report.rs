@@ -10,6 +10,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::error::HostFailure;
+use crate::journal::RunKind;
 use crate::plan::PhaseName;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -89,6 +90,8 @@ pub struct HostReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct RolloutReport {
     pub release: String,
+    /// `rollout`, or `rollback` for `roller rollback` (and a resumed rollback).
+    pub kind: RunKind,
     pub outcome: Outcome,
     /// The failure that stopped the rollout.
     pub failure: Option<FailureAt>,
@@ -116,6 +119,10 @@ impl RolloutReport {
             .as_ref()
             .map(|f| format!(" at batch {}: {}", f.batch, f.failure))
             .unwrap_or_default();
+        let run = match self.kind {
+            RunKind::Rollout => "rollout of",
+            RunKind::Rollback => "rollback to",
+        };
         match self.outcome {
             Outcome::Succeeded => {
                 let left: Vec<&str> = self
@@ -148,19 +155,19 @@ impl RolloutReport {
                 )
             }
             Outcome::RolledBack => format!(
-                "rollout of {} failed{why}; rolled back, and every host is in the pool",
+                "{run} {} failed{why}; rolled back, and every host is in the pool",
                 self.release
             ),
             Outcome::RollbackIncomplete => format!(
-                "rollout of {} failed{why}; the rollback did not complete: action needed",
+                "{run} {} failed{why}; the rollback did not complete: action needed",
                 self.release
             ),
             Outcome::Halted => format!(
-                "rollout of {} failed{why}; halted with the failed batch out of the pool",
+                "{run} {} failed{why}; halted with the failed batch out of the pool",
                 self.release
             ),
             Outcome::Interrupted => format!(
-                "rollout of {} interrupted ({}); every host is on a known release and in the pool",
+                "{run} {} interrupted ({}); every host is on a known release and in the pool",
                 self.release,
                 self.interrupted.as_deref().unwrap_or("signal")
             ),

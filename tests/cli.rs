@@ -311,3 +311,54 @@ fn the_help_of_the_fleet_commands_is_pinned() {
         insta::assert_snapshot!(format!("help_{command}"), text(&out.stdout));
     }
 }
+
+/// `roller plan --rollback-to` shows what `roller rollback --to` runs: the same batches as a
+/// rollout, marked as a rollback, with nothing staged.
+#[test]
+fn a_rollback_plan_stages_nothing_and_says_what_it_is() {
+    let out = roller(&[
+        "plan",
+        "-i",
+        &example(),
+        "--rollback-to",
+        "v1",
+        "--output",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let phases = |batch: &serde_json::Value, key: &str| -> Vec<String> {
+        batch[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let shape = serde_json::json!({
+        "kind": plan["kind"],
+        "release": plan["release"],
+        "artifact": plan["artifact"],
+        "stage": plan["stage"],
+        "targets": plan["targets"],
+        "batches": plan["batches"].as_array().unwrap().iter().map(|b| serde_json::json!({
+            "hosts": b["hosts"],
+            "phases": phases(b, "phases"),
+            "rollback": phases(b, "rollback"),
+        })).collect::<Vec<_>>(),
+    });
+    insta::assert_json_snapshot!(shape);
+    let text_plan = roller(&["plan", "-i", &example(), "--rollback-to", "v1"]);
+    assert!(
+        text(&text_plan.stdout).starts_with("Plan: shop rollback to release v1"),
+        "{}",
+        text(&text_plan.stdout)
+    );
+    let refused = roller(&["plan", "-i", &example(), "--rollback-to", "../v1"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        text(&refused.stderr).contains("--rollback-to"),
+        "{}",
+        text(&refused.stderr)
+    );
+}

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{Control, Display, Finished, Hints, read_state, resume, switch_back};
+use super::{Control, Display, Finished, Hints, read_state, resume, rollback, switch_back};
 use crate::balancer::Nginx;
 use crate::discovery::FoundHost;
 use crate::error::{Error, Result, StateError};
@@ -19,7 +19,7 @@ use crate::executor::{
 };
 use crate::health::HttpOverSsh;
 use crate::inventory::{Inventory, Strategy};
-use crate::journal::{self, Journal, RolloutState, Status, Tee};
+use crate::journal::{self, Journal, RolloutState, RunKind, Status, Tee};
 use crate::lock;
 use crate::plan::{Artifact, BatchSize, Plan, PlanInput};
 use crate::reconcile::{self, Asked, SlotRecovery};
@@ -55,14 +55,20 @@ pub enum Kind {
     Recover(RolloutState),
     /// Blue-green: traffic back to the other slot.
     SwitchBack,
+    /// Rolling: `current` back to a release every host holds, `to` or the one before the live
+    /// one, read from the hosts after pre-flight.
+    Rollback {
+        to: Option<String>,
+    },
 }
 
 impl Deploy {
-    fn asked<'a>(&'a self, rollout_id: &'a str) -> Asked<'a> {
+    /// `release` is what this run goes to, once known (a rollback learns it from the hosts).
+    fn asked<'a>(&'a self, rollout_id: &'a str, release: &'a str) -> Asked<'a> {
         match &self.kind {
-            Kind::Rollout => Asked::Rollout {
+            Kind::Rollout | Kind::Rollback { .. } => Asked::Rollout {
                 id: rollout_id,
-                release: &self.release,
+                release,
             },
             Kind::Resume(s) => Asked::Resume(s),
             Kind::Recover(s) => Asked::Recover(s),
@@ -81,7 +87,7 @@ pub async fn run(deploy: Deploy, display: Display<'_>) -> Result<Finished> {
     );
     let rollout_id = match &deploy.kind {
         Kind::Resume(state) | Kind::Recover(state) => state.id.clone(),
-        Kind::Rollout | Kind::SwitchBack => lock::new_id(),
+        Kind::Rollout | Kind::SwitchBack | Kind::Rollback { .. } => lock::new_id(),
     };
     let journal_dir = deploy.control.journal_dir();
     let hold = Hold {
@@ -128,8 +134,16 @@ async fn locked(
     }
     let prior = read_state(held.lock_host.as_ref(), inv).await?;
     let balancers = session::balancer_set(inv);
-    let reconciled =
-        reconcile::reconcile(d.asked(rollout_id), prior.as_ref(), &balancers, &d.hints)?;
+    // A rollback's release is read from the hosts, so what it takes over is decided then.
+    let reconciled = match &d.kind {
+        Kind::Rollback { .. } => None,
+        _ => Some(reconcile::reconcile(
+            d.asked(rollout_id, &d.release),
+            prior.as_ref(),
+            &balancers,
+            &d.hints,
+        )?),
+    };
 
     let reporter: Arc<dyn Reporter> = Arc::new(Tee(vec![journal.clone(), display(inv)]));
     // Pre-flight only reads; a Ctrl-C while it waits on a slow host stops at once.
@@ -153,10 +167,31 @@ async fn locked(
         )),
         _ => None,
     };
+    let (release, reconciled) = match (&d.kind, reconciled) {
+        (Kind::Rollback { to }, _) => {
+            let release =
+                rollback::target(inv, sessions, &observed, to.as_deref(), d.selected.as_ref())
+                    .await?;
+            let reconciled = reconcile::reconcile(
+                d.asked(rollout_id, &release),
+                prior.as_ref(),
+                &balancers,
+                &d.hints,
+            )?;
+            (release, reconciled)
+        }
+        (_, Some(reconciled)) => (d.release.clone(), reconciled),
+        (_, None) => unreachable!("only a rollback reconciles after pre-flight"),
+    };
+    let kind = match &d.kind {
+        Kind::Rollback { .. } => RunKind::Rollback,
+        Kind::Resume(s) | Kind::Recover(s) => s.kind,
+        Kind::Rollout | Kind::SwitchBack => RunKind::Rollout,
+    };
     let release = recover
         .as_ref()
         .and_then(|r| r.release.clone())
-        .unwrap_or_else(|| d.release.clone());
+        .unwrap_or(release);
     let live_slot = observed.live_slot(inv);
     let plan = match (&d.kind, live_slot) {
         (Kind::SwitchBack, Some(live)) => {
@@ -180,7 +215,7 @@ async fn locked(
         _ => Plan::build(PlanInput {
             inventory: inv,
             balancer,
-            release,
+            release: release.clone(),
             artifact: d.artifact.clone(),
             batch: d.batch,
             observed: Some(&observed.hosts),
@@ -191,7 +226,8 @@ async fn locked(
             live_slot,
             pause: d.pause,
             adopt: observed.adopting(inv),
-        })?,
+        })
+        .map(|plan| Plan { kind, ..plan })?,
     };
     if let Some(recover) = &recover
         && !recover.unrecorded.is_empty()
@@ -216,9 +252,13 @@ async fn locked(
     };
     let state = RolloutState {
         strategy: inv.strategy,
+        kind,
         id: rollout_id.to_string(),
         app: inv.app.name.clone(),
-        release: d.release.clone(),
+        release: match &d.kind {
+            Kind::Rollback { .. } => release.clone(),
+            _ => d.release.clone(),
+        },
         artifact: d
             .artifact
             .as_ref()

@@ -23,6 +23,7 @@ pub mod deploy;
 pub mod lock_view;
 pub mod plan;
 pub mod resume;
+pub mod rollback;
 pub mod rollout;
 pub mod switch_back;
 pub mod unlock;

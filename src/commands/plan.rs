@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use crate::balancer::Nginx;
 use crate::error::{Error, Result};
 use crate::inventory::{Inventory, Strategy};
-use crate::plan::{Artifact, BatchSize, Plan, PlanInput};
+use crate::journal::RunKind;
+use crate::plan::{Artifact, BatchSize, Plan, PlanInput, validate_release};
 use crate::selection::Selection;
 
 /// What `roller plan` is asked.
@@ -20,6 +21,8 @@ pub struct PlanRequest {
     pub strategy: Option<Strategy>,
     /// `--hosts` / `--tag`.
     pub selection: Selection,
+    /// `--rollback-to`: the plan of `roller rollback --to` this release: no jar, no stage.
+    pub rollback_to: Option<String>,
 }
 
 pub fn plan(request: PlanRequest) -> Result<Plan> {
@@ -32,10 +35,32 @@ pub fn plan(request: PlanRequest) -> Result<Plan> {
         .as_deref()
         .map(Artifact::load)
         .transpose()?;
+    let release = match &request.rollback_to {
+        Some(_) if inventory.strategy == Strategy::BlueGreen => {
+            return Err(Error::Usage {
+                flag: "--rollback-to".into(),
+                message: "under blue-green a rollback is a switch-back: traffic back to the other slot, no plan of batches".into(),
+            });
+        }
+        Some(to) => {
+            validate_release(to).map_err(|_| Error::Usage {
+                flag: "--rollback-to".into(),
+                message: format!(
+                    "{to:?} must be 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'"
+                ),
+            })?;
+            to.clone()
+        }
+        None => release_for(request.release.as_deref(), artifact.as_ref())?,
+    };
+    let kind = match request.rollback_to {
+        Some(_) => RunKind::Rollback,
+        None => RunKind::Rollout,
+    };
     Plan::build(PlanInput {
         inventory: &inventory,
         balancer: &balancer,
-        release: release_for(request.release.as_deref(), artifact.as_ref())?,
+        release,
         artifact,
         batch: request.batch,
         observed: None,
@@ -47,6 +72,7 @@ pub fn plan(request: PlanRequest) -> Result<Plan> {
         pause: false,
         adopt: false,
     })
+    .map(|plan| Plan { kind, ..plan })
 }
 
 /// The release asked for, else the jar's default name; one of the two must be given.

@@ -14,7 +14,7 @@ use crate::discovery;
 use crate::error::{Error, HostFailure, Result, StateError, Unfinished};
 use crate::executor::Sessions;
 use crate::inventory::Inventory;
-use crate::journal::{Journal, RolloutState};
+use crate::journal::{Journal, RolloutState, RunKind};
 use crate::plan::Artifact;
 use crate::session;
 
@@ -123,6 +123,8 @@ fn resumed_artifact(state: &RolloutState, path: Option<PathBuf>) -> Result<Optio
             }
             Ok(Some(artifact))
         }
+        // A rollback goes back to a release already on the hosts: its switch checks the jar.
+        None if state.kind == RunKind::Rollback => Ok(None),
         None if state.artifact_sha256.is_none() => Err(Error::Usage {
             flag: "--artifact".into(),
             message: format!(

@@ -246,6 +246,7 @@ impl Ledger {
         };
         RolloutReport {
             release: plan.release.clone(),
+            kind: plan.kind,
             outcome,
             failure,
             interrupted,

@@ -26,12 +26,16 @@ use crate::balancer::{Balancer, Pool};
 use crate::error::Result;
 use crate::health::HealthSpec;
 use crate::inventory::{Host, Inventory, Slot, Strategy, human};
+use crate::journal::RunKind;
 use crate::remote;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
     pub app: String,
     pub release: String,
+    /// A rollout ships `release`; a rollback returns to it, already on every host, with no
+    /// stage.
+    pub kind: RunKind,
     pub strategy: Strategy,
     /// Blue-green: the slot traffic moves away from.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -316,6 +320,7 @@ impl Plan {
         Plan {
             app: inv.app.name.clone(),
             release,
+            kind: RunKind::Rollout,
             strategy,
             live_slot: None,
             artifact: None,

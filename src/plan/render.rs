@@ -15,10 +15,17 @@ impl Plan {
                 a.bytes,
                 a.sha256
             ),
+            None if self.kind == crate::journal::RunKind::Rollback => {
+                "none: a rollback goes back to a release already on the hosts".into()
+            }
             None => "not given: staging is left out of this plan".into(),
         };
+        let kind = match self.kind {
+            crate::journal::RunKind::Rollout => "release",
+            crate::journal::RunKind::Rollback => "rollback to release",
+        };
         out.push_str(&format!(
-            "Plan: {} release {} ({} strategy), {} host(s) in {} batch(es), {} load balancer(s)\nArtifact: {artifact}\n",
+            "Plan: {} {kind} {} ({} strategy), {} host(s) in {} batch(es), {} load balancer(s)\nArtifact: {artifact}\n",
             self.app,
             self.release,
             serde_json::to_value(self.strategy).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),

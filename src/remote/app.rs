@@ -196,6 +196,22 @@ pub fn switch_back(app: &AppConfig) -> String {
     .into_string()
 }
 
+/// What a rollback may go back to on a host: `previous=<what .roller/previous holds>`, then
+/// `holds=<release>` for each release directory that has its jar. The names are read back as
+/// untrusted text and checked by the release rules before any of them reaches a command.
+pub fn releases_held(app: &AppConfig) -> String {
+    sh![
+        "cd ",
+        q(&app.dir),
+        " || exit 1; printf 'previous=%s\\n' \"$(cat .roller/previous 2>/dev/null | head -n 1)\"; \
+         for r in releases/*/; do r=${r%/}; r=${r#releases/}; \
+         if [ -f \"releases/$r/\"",
+        q(&app.jar_name),
+        " ]; then printf 'holds=%s\\n' \"$r\"; fi; done",
+    ]
+    .into_string()
+}
+
 /// Removes the oldest releases beyond `keep_releases`, never the live or the previous one.
 pub fn prune(app: &AppConfig) -> String {
     sh![

@@ -17,7 +17,7 @@ pub mod state;
 
 pub use app::{
     artifact_present, keep_old, log_since, log_size, mark_live, preflight, prune, prune_slots,
-    read_decision, release_dir, switch, switch_back, switch_link, upload,
+    read_decision, release_dir, releases_held, switch, switch_back, switch_link, upload,
 };
 
 /// Quotes one argument for POSIX `sh`. Inputs are validated single-line strings, so the only

@@ -442,6 +442,7 @@ impl Default for Target<'_> {
 fn initial_state(inventory: &Inventory, release: &str) -> RolloutState {
     RolloutState {
         strategy: inventory.strategy,
+        kind: Default::default(),
         id: "0123456789abcdef0123456789abcdef".into(),
         app: inventory.app.name.clone(),
         release: release.into(),
