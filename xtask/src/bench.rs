@@ -10,13 +10,17 @@ use anyhow::{Context, bail};
 use roller_fleet::{Fleet, FleetSpec, JarSpec, proc};
 
 use crate::floor::{self, BatchTimes};
+use crate::scale;
 use crate::{BENCH_NET, CI_STEP_TIMEOUT, cargo, workspace_root};
+
+/// From this many hosts on, the bench measures scale (light apps, no floor) instead.
+const SCALE_HOSTS: usize = 50;
 
 pub(crate) fn bench(
     hosts: usize,
     root: Option<PathBuf>,
     roller: Option<PathBuf>,
-    batches: &[usize],
+    batches: Option<Vec<String>>,
     rounds: usize,
 ) -> anyhow::Result<bool> {
     let root = root.unwrap_or_else(|| roller_fleet::target_dir().join("fleet-bench"));
@@ -24,14 +28,43 @@ pub(crate) fn bench(
         Some(path) => path,
         None => build_roller()?,
     };
+    let scale = hosts >= SCALE_HOSTS;
+    let batches = batches.unwrap_or_else(|| {
+        let default: &[&str] = if scale { &["10%"] } else { &["1", "2"] };
+        default.iter().map(|b| b.to_string()).collect()
+    });
     // Lean logins everywhere, the LB's included: the hosts' shell start-up is not roller's time.
-    let mut fleet =
-        Fleet::up(FleetSpec::new(&root, hosts, BENCH_NET).with_lean_logins_everywhere())?;
-    let result = alternate(&fleet, &roller, batches, rounds.max(1));
+    let mut spec = FleetSpec::new(&root, hosts, BENCH_NET).with_lean_logins_everywhere();
+    if scale {
+        spec = spec.with_light_apps();
+    }
+    let mut fleet = Fleet::up(spec)?;
+    let result = if scale {
+        scale::bench(&fleet, &roller, &batches)
+    } else {
+        alternate(&fleet, &roller, &batches, rounds.max(1))
+    };
     fleet.down();
     let met = result?;
-    println!("\n{}", upload_speed());
+    if !scale {
+        println!("\n{}", upload_speed());
+    }
     Ok(met)
+}
+
+/// Hosts per batch for `batch` ("2" or "25%"), as roller counts them: a share rounds up.
+pub(crate) fn batch_hosts(batch: &str, hosts: usize) -> anyhow::Result<usize> {
+    let n = match batch.strip_suffix('%') {
+        Some(percent) => {
+            let p: usize = percent.parse().context("a batch share like 10%")?;
+            (hosts * p).div_ceil(100)
+        }
+        None => batch.parse().context("a batch size like 2 or 10%")?,
+    };
+    if n == 0 {
+        bail!("a batch of {batch} takes no host");
+    }
+    Ok(n)
 }
 
 /// Roller and the floor script in turn on one fleet, `rounds` times per batch size, each
@@ -39,7 +72,7 @@ pub(crate) fn bench(
 fn alternate(
     fleet: &Fleet,
     roller: &Path,
-    batches: &[usize],
+    batches: &[String],
     rounds: usize,
 ) -> anyhow::Result<bool> {
     let jars = [
@@ -51,7 +84,8 @@ fn alternate(
     std::fs::create_dir_all(&work)?;
     let mut n = 0;
     let mut met = true;
-    for &batch in batches {
+    for batch in batches {
+        let size = batch_hosts(batch, fleet.host_names().len())?;
         println!(
             "\n{} hosts, batch {batch}: roller and the OpenSSH ControlMaster floor in turn",
             fleet.host_names().len()
@@ -64,7 +98,7 @@ fn alternate(
             n += 1;
             let ours = roller_rollout(roller, fleet, &jars[n % 2], &format!("r{n}"), batch, &work)?;
             n += 1;
-            let floor = floor::rollout(fleet, &jars[n % 2], &format!("f{n}"), batch, &work)?;
+            let floor = floor::rollout(fleet, &jars[n % 2], &format!("f{n}"), size, &work)?;
             let ratio = ours.wall.as_secs_f64() / floor.wall.as_secs_f64();
             let own = mean_own(&ours.batches);
             ratios.push(ratio);
@@ -114,7 +148,7 @@ fn roller_rollout(
     fleet: &Fleet,
     jar: &Path,
     release: &str,
-    batch: usize,
+    batch: &str,
     work: &Path,
 ) -> anyhow::Result<RollerRun> {
     let started = Instant::now();
@@ -125,14 +159,7 @@ fn roller_rollout(
             .arg(fleet.inventory_path())
             .arg("--artifact")
             .arg(jar)
-            .args([
-                "--release",
-                release,
-                "--batch",
-                &batch.to_string(),
-                "--output",
-                "json",
-            ])
+            .args(["--release", release, "--batch", batch, "--output", "json"])
             .arg("--journal-dir")
             .arg(work.join("journal")),
         CI_STEP_TIMEOUT,

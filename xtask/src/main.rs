@@ -7,6 +7,8 @@
 
 mod bench;
 mod floor;
+mod measure;
+mod scale;
 mod setup;
 
 use std::ffi::OsString;
@@ -68,13 +70,14 @@ enum Task {
     /// Roller against the floor on a local fleet: each rollout in turn with a plain OpenSSH
     /// ControlMaster script doing the same steps; prints roller/floor wall time and roller's
     /// own time per batch beyond the app's restart-to-healthy (targets: <= 0.9 and < 150 ms).
-    /// Also reports the SSH transport's upload speed for a 100 MiB jar.
+    /// Also reports the SSH transport's upload speed for a 100 MiB jar. From 50 hosts on
+    /// (light apps): pre-flight time and roller's peak memory in a rollout at batch 10%.
     Bench {
         #[arg(long, default_value_t = 8)]
         hosts: usize,
-        /// Batch sizes to measure, each in its own rounds.
-        #[arg(long, value_delimiter = ',', default_value = "1,2")]
-        batch: Vec<usize>,
+        /// Batch sizes to measure, each in its own rounds [default: 1,2; 10% from 50 hosts].
+        #[arg(long, value_delimiter = ',')]
+        batch: Option<Vec<String>>,
         /// Rollouts of each kind per batch size (the median is reported).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
@@ -113,6 +116,10 @@ enum FleetAction {
         /// LB and app hosts whose sshd refuses port forwarding.
         #[arg(long)]
         refuse_forwarding: bool,
+        /// App hosts run a light python3 stand-in for the JVM (same endpoints and contract),
+        /// so that a hundred hosts fit on one machine.
+        #[arg(long, conflicts_with_all = ["blue_green", "blue_green_single"])]
+        light: bool,
     },
     /// Stop the fleet's processes (by the PIDs it recorded).
     Down {
@@ -144,7 +151,7 @@ fn main() -> ExitCode {
             rounds,
             root,
             roller,
-        } => bench::bench(hosts, root, roller, &batch, rounds),
+        } => bench::bench(hosts, root, roller, batch, rounds),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -178,6 +185,7 @@ fn fleet(action: FleetAction) -> anyhow::Result<bool> {
             bastion,
             bastion_only,
             refuse_forwarding,
+            light,
         } => {
             let root = root.unwrap_or_else(default_root);
             let mode = match (blue_green, blue_green_single) {
@@ -194,6 +202,9 @@ fn fleet(action: FleetAction) -> anyhow::Result<bool> {
                 });
             if refuse_forwarding {
                 spec = spec.with_forwarding_refused();
+            }
+            if light {
+                spec = spec.with_light_apps();
             }
             match mode {
                 Mode::Rolling => println!(
