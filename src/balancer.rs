@@ -213,6 +213,7 @@ mod tests {
             lock_host: "10.0.0.5".into(),
             lock_lease: std::time::Duration::from_secs(60),
             upstream_block: Default::default(),
+            sudo: false,
         };
         let hosts = vec![
             Host {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use crate::inventory::Slot;
 use crate::journal::Status;
 use crate::lock::LockError;
+use crate::remote::sudo::{self, Refusal};
 use crate::transport::TransportError;
 
 /// One problem in the inventory, located by its key path (`hosts[1].name`).
@@ -35,6 +36,47 @@ impl std::fmt::Display for HostFailure {
     }
 }
 
+/// A host whose inventory side says `sudo = true` (`key`), where sudo did not run roller's
+/// probe as root: nothing was changed anywhere.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SudoRefused {
+    pub host: String,
+    /// The SSH user sudo was asked for.
+    pub user: String,
+    /// `app.sudo` or `balancer.sudo`.
+    pub key: String,
+    pub refusal: Refusal,
+    /// What sudo printed.
+    pub stderr: String,
+    /// The sudoers rule that lets `user` run roller's commands.
+    pub rule: String,
+}
+
+impl SudoRefused {
+    /// What happened and what to do, without the host: for lists that name it already.
+    pub fn reason(&self) -> String {
+        let said = if self.stderr.is_empty() {
+            String::new()
+        } else {
+            format!(" (sudo said: {})", self.stderr.replace('\n', " "))
+        };
+        format!(
+            "{}{said}. With {} = true every command there runs as `sudo -n {} -c '<command>'`: {}, or set {} = false",
+            self.refusal.describe(&self.user),
+            self.key,
+            sudo::SHELL,
+            self.refusal.fix(&self.user),
+            self.key,
+        )
+    }
+}
+
+impl std::fmt::Display for SudoRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} [sudo]: {}", self.host, self.reason())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read inventory {}: {source}", file.display())]
@@ -61,6 +103,14 @@ pub enum Error {
     /// nothing had changed on any host, so there was nothing to finish before stopping.
     #[error("stopped ({reason}) before anything changed on any host")]
     Interrupted { reason: String },
+    /// sudo would not run roller's commands as root on these hosts; found before the deploy
+    /// lock is taken, so nothing was changed.
+    #[error(
+        "pre-flight failed, nothing was changed: sudo does not run roller's commands as root on {}:\n{}",
+        refusals.iter().map(|r| r.host.as_str()).collect::<Vec<_>>().join(", "),
+        list(refusals)
+    )]
+    Sudo { refusals: Vec<SudoRefused> },
     /// Another rollout holds the deploy lock, or this controller lost it.
     #[error("{0}")]
     Locked(Box<Locked>),

@@ -363,6 +363,7 @@ fn exit_code(error: &Error) -> u8 {
         | Error::Artifact { .. }
         | Error::Discovery(_) => exit::BAD_INPUT,
         Error::Preflight { .. }
+        | Error::Sudo { .. }
         | Error::DiscoveryFailed(_)
         | Error::Unfinished(_)
         | Error::State(_)
@@ -390,6 +391,9 @@ fn report_error(error: &Error, output: Output) {
             }
             Error::Preflight { failures } => {
                 serde_json::json!({ "kind": "preflight", "failures": failures })
+            }
+            Error::Sudo { refusals } => {
+                serde_json::json!({ "kind": "sudo", "refusals": refusals })
             }
             Error::InventoryRead { file, .. } => {
                 serde_json::json!({ "kind": "inventory", "file": file })

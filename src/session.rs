@@ -221,7 +221,8 @@ pub async fn connect_lock_host(inv: &Inventory) -> Result<Arc<dyn Transport>> {
         .into_iter()
         .find(|e| e.name == inv.balancer.lock_host)
         .expect("the lock host is an endpoint");
-    connector
+    let name = endpoint.name.clone();
+    let session = connector
         .connect(&endpoint)
         .await
         .map_err(|e| Error::Preflight {
@@ -230,7 +231,11 @@ pub async fn connect_lock_host(inv: &Inventory) -> Result<Arc<dyn Transport>> {
                 step: "connect".into(),
                 message: e.to_string(),
             }],
-        })
+        })?;
+    // Through sudo when `balancer.sudo` says so, asked first like every session of a rollout.
+    let mut sessions =
+        executor::run_as_configured(inv, Sessions::from([(name.clone(), session)])).await?;
+    Ok(sessions.remove(&name).expect("the lock host's session"))
 }
 
 /// Appends to `<dir>/<app>/locks.jsonl`, the record of who took the lock from whom; failing to

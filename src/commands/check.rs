@@ -138,6 +138,33 @@ pub async fn check(request: CheckRequest) -> Result<CheckReport> {
         }
     }
 
+    let reached: std::collections::BTreeSet<String> = sessions.keys().cloned().collect();
+    // With `sudo = true`, sudo is asked first, as a rollout asks it; pre-flight then runs
+    // through it on the hosts where it answered, and a host where it refused is a problem.
+    match executor::sudo_refusals(&inv, &sessions).await {
+        Ok(refusals) => {
+            for refused in refusals {
+                if let Some(session) = sessions.remove(&refused.host) {
+                    session.close().await;
+                }
+                problems.push(HostFailure {
+                    host: refused.host.clone(),
+                    step: "sudo".into(),
+                    message: refused.reason(),
+                });
+            }
+        }
+        Err(crate::error::Error::Preflight { failures }) => problems.extend(failures),
+        Err(e) => return Err(e),
+    }
+    // A host whose probe failed outright is already a problem; it is not checked further.
+    for p in problems.iter().filter(|p| p.step == "sudo") {
+        if let Some(session) = sessions.remove(&p.host) {
+            session.close().await;
+        }
+    }
+    let sessions = executor::as_root(&inv, sessions);
+
     // Pre-flight on whatever answered: one unreachable host must not hide another's problem.
     let mut reachable = inv.clone();
     reachable.hosts.retain(|h| sessions.contains_key(&h.name));
@@ -160,8 +187,6 @@ pub async fn check(request: CheckRequest) -> Result<CheckReport> {
     )
     .await;
     problems.extend(failures);
-    // TODO(sudo): once hosts may set `sudo = true`, pre-flight's sudo probe belongs here too;
-    // it is part of `executor::survey` if it lands there, and then needs nothing more.
 
     if let Some(lb) = sessions.get(&inv.balancer.lock_host) {
         problems.extend(lock_problems(lb.as_ref(), &inv, &hints).await);
@@ -180,7 +205,7 @@ pub async fn check(request: CheckRequest) -> Result<CheckReport> {
             Checked {
                 name: h.name.clone(),
                 role: "app",
-                reached: sessions.contains_key(&h.name),
+                reached: reached.contains(&h.name),
                 ok: !named(&h.name),
                 release: found.and_then(|f| f.release.clone()),
                 healthy: found.map(|f| f.healthy),
@@ -191,7 +216,7 @@ pub async fn check(request: CheckRequest) -> Result<CheckReport> {
     targets.extend(inv.balancer.hosts.iter().map(|lb| Checked {
         name: lb.clone(),
         role: "balancer",
-        reached: sessions.contains_key(lb),
+        reached: reached.contains(lb),
         ok: !named(lb),
         release: None,
         healthy: None,

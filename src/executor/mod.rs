@@ -32,7 +32,9 @@ use tokio::time::Instant;
 
 pub use self::preflight::{FleetAtPreflight, preflight, release_name, survey};
 pub use self::state::{JournalAndLockHost, KeptState, StateStore};
-pub use crate::transport::sessions::{Sessions, collect_sessions, connect, endpoints};
+pub use crate::transport::sessions::{
+    Sessions, as_root, collect_sessions, connect, endpoints, run_as_configured, sudo_refusals,
+};
 
 use self::batch::BatchStop;
 use self::ledger::Ledger;

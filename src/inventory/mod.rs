@@ -155,6 +155,9 @@ pub struct AppConfig {
     pub restart: String,
     pub port: u16,
     pub keep_releases: usize,
+    /// Every command on app hosts runs as root, as `sudo -n /bin/sh -c '<command>'`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub sudo: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -200,6 +203,10 @@ pub struct BalancerConfig {
     pub lock_lease: Duration,
     /// `[balancer.upstream_block]`: directives written into the upstream block.
     pub upstream_block: UpstreamBlock,
+    /// Every command on load balancers (the lock host's included) runs as root, as
+    /// `sudo -n /bin/sh -c '<command>'`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub sudo: bool,
 }
 
 /// `min_healthy`: a host count, or a share of the fleet.
@@ -364,6 +371,7 @@ impl Inventory {
                 "restart",
                 "port",
                 "keep_releases",
+                "sudo",
             ],
         );
         let app = AppConfig {
@@ -373,6 +381,7 @@ impl Inventory {
             restart: r.string(app_t, "app", "restart", None),
             port: r.port(app_t, "app", "port", None),
             keep_releases: r.integer(app_t, "app", "keep_releases", Some(5), 2, 1000) as usize,
+            sudo: r.flag(app_t, "app", "sudo"),
         };
         if matches!(app.jar_name.as_str(), "." | "..") {
             r.problem("app.jar_name", "must be a file name, not \".\" or \"..\"");
@@ -434,6 +443,7 @@ impl Inventory {
                 "lock_host",
                 "lock_lease",
                 "upstream_block",
+                "sudo",
             ],
         );
         let default_upstream = if app.name.is_empty() {
@@ -460,6 +470,7 @@ impl Inventory {
             lock_host: String::new(),
             lock_lease: r.duration(lb_t, "balancer", "lock_lease", Some("60s")),
             upstream_block: r.upstream_block(lb_t),
+            sudo: r.flag(lb_t, "balancer", "sudo"),
         };
         if balancer.lock_lease < Duration::from_secs(3) {
             r.problem(

@@ -11,6 +11,7 @@ mod blue_green;
 mod canary;
 mod render;
 mod rolling;
+mod sudo;
 #[cfg(test)]
 mod tests;
 
@@ -21,6 +22,7 @@ use serde::Serialize;
 
 pub use artifact::{Artifact, is_release, validate_release};
 pub use rolling::BatchSize;
+pub use sudo::Sudo;
 
 use crate::balancer::{Balancer, Pool};
 use crate::error::Result;
@@ -49,6 +51,9 @@ pub struct Plan {
     /// Where the pool lives on each load balancer, and how to apply it by hand.
     pub upstream_file: String,
     pub reload: String,
+    /// The sides whose commands run as root through sudo.
+    #[serde(skip_serializing_if = "Sudo::is_off")]
+    pub sudo: Sudo,
     /// Run on every host and load balancer before anything changes.
     pub preflight: Phase,
     /// Hosts left out of every batch, and why (already on the release and healthy).
@@ -329,6 +334,7 @@ impl Plan {
             balancers: inv.balancer.hosts.clone(),
             upstream_file: inv.balancer.upstream_file.clone(),
             reload: inv.balancer.reload.clone(),
+            sudo: Sudo::of(inv),
             preflight: Plan::preflight(inv, balancer),
             skipped: Vec::new(),
             targets: BTreeMap::new(),

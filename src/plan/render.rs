@@ -1,7 +1,7 @@
 //! `roller plan` as an operator reads it: every command exactly as it will run, the upstream
 //! file each load balancer gets, and what runs instead on failure or interrupt.
 
-use super::{Action, Phase, Plan, Role};
+use super::{Action, Phase, Plan, Role, Sudo};
 use crate::health::HealthSpec;
 
 impl Plan {
@@ -36,8 +36,20 @@ impl Plan {
         out.push_str(
             "Each command runs on its host as `exec sh -c '<command>'`, whatever the SSH user's login shell.\n",
         );
+        for (on, side, key) in [
+            (self.sudo.app, "app hosts", "app.sudo"),
+            (self.sudo.balancer, "load balancers", "balancer.sudo"),
+        ] {
+            if on {
+                out.push_str(&format!(
+                    "On {side} ({key} = true) each command runs as root, as `sudo -n {} -c '<command>'`, shown so below; the deploy lock's and the rollout state's commands too.\n",
+                    crate::remote::sudo::SHELL
+                ));
+            }
+        }
         render_phase(
             &mut out,
+            self.sudo,
             "Pre-flight, before anything changes",
             &self.preflight,
         );
@@ -49,6 +61,7 @@ impl Plan {
         }
         render_phase(
             &mut out,
+            self.sudo,
             "Stage, in parallel, skipped where the jar is already present",
             &self.stage,
         );
@@ -72,17 +85,27 @@ impl Plan {
                 ));
             }
             for (i, phase) in batch.phases.iter().enumerate() {
-                render_steps(&mut out, &format!("{}. {}", i + 1, phase.name), phase);
+                render_steps(
+                    &mut out,
+                    self.sudo,
+                    &format!("{}. {}", i + 1, phase.name),
+                    phase,
+                );
             }
             if let Some(alone) = &batch.return_alone {
                 out.push_str(
                     "  If the next batch may not leave the pool, or on interrupt before that, instead of the last two:\n",
                 );
-                render_steps(&mut out, "return-to-pool", alone);
+                render_steps(&mut out, self.sudo, "return-to-pool", alone);
             }
             out.push_str("  On failure, roll this batch back:\n");
             for (i, phase) in batch.rollback.iter().enumerate() {
-                render_steps(&mut out, &format!("R{}. {}", i + 1, phase.name), phase);
+                render_steps(
+                    &mut out,
+                    self.sudo,
+                    &format!("R{}. {}", i + 1, phase.name),
+                    phase,
+                );
             }
             if !batch.undo.is_empty() {
                 out.push_str(
@@ -90,20 +113,25 @@ impl Plan {
                 );
             }
             for (i, phase) in batch.undo.iter().enumerate() {
-                render_steps(&mut out, &format!("U{}. {}", i + 1, phase.name), phase);
+                render_steps(
+                    &mut out,
+                    self.sudo,
+                    &format!("U{}. {}", i + 1, phase.name),
+                    phase,
+                );
             }
         }
-        render_phase(&mut out, "Finish", &self.finish);
+        render_phase(&mut out, self.sudo, "Finish", &self.finish);
         out
     }
 }
 
-fn render_phase(out: &mut String, title: &str, phase: &Phase) {
+fn render_phase(out: &mut String, sudo: Sudo, title: &str, phase: &Phase) {
     out.push_str(&format!("\n{title}\n"));
-    render_steps(out, phase.name.as_str(), phase);
+    render_steps(out, sudo, phase.name.as_str(), phase);
 }
 
-fn render_steps(out: &mut String, label: &str, phase: &Phase) {
+fn render_steps(out: &mut String, sudo: Sudo, label: &str, phase: &Phase) {
     if phase.steps.is_empty() {
         out.push_str(&format!("  {label}: nothing to do\n"));
     }
@@ -112,6 +140,8 @@ fn render_steps(out: &mut String, label: &str, phase: &Phase) {
             Role::App | Role::Fleet => step.target.clone(),
             Role::Balancer => format!("lb {}", step.target),
         };
+        // As sent: through sudo on a side that says so.
+        let sent = |command: &str| sudo.shown(step.role, command);
         match &step.action {
             Action::Check { command }
             | Action::Switch { command, .. }
@@ -121,10 +151,12 @@ fn render_steps(out: &mut String, label: &str, phase: &Phase) {
             | Action::StopSlot { command, .. }
             | Action::KeepOld { command }
             | Action::Prune { command } => {
-                out.push_str(&format!("  {label} {who}\n      $ {command}\n"));
+                out.push_str(&format!("  {label} {who}\n      $ {}\n", sent(command)));
             }
             Action::Upload { check, upload } => out.push_str(&format!(
-                "  {label} {who}\n      $ {check}\n      unless present, the jar on stdin to:\n      $ {upload}\n"
+                "  {label} {who}\n      $ {}\n      unless present, the jar on stdin to:\n      $ {}\n",
+                sent(check),
+                sent(upload)
             )),
             Action::SetPool {
                 pool,
@@ -146,16 +178,17 @@ fn render_steps(out: &mut String, label: &str, phase: &Phase) {
                 for line in content.lines() {
                     out.push_str(&format!("      | {line}\n"));
                 }
-                out.push_str(&format!("      $ {command}\n"));
+                out.push_str(&format!("      $ {}\n", sent(command)));
             }
             Action::Drain {
                 command,
                 quiet,
                 timeout,
             } => out.push_str(&format!(
-                "  {label} {who}: until it prints 0 for {} in a row, at most {}\n      $ {command}\n",
+                "  {label} {who}: until it prints 0 for {} in a row, at most {}\n      $ {}\n",
                 humantime::format_duration(*quiet),
-                humantime::format_duration(*timeout)
+                humantime::format_duration(*timeout),
+                sent(command)
             )),
             Action::HealthCheck(HealthSpec {
                 address,
@@ -180,15 +213,18 @@ fn render_steps(out: &mut String, label: &str, phase: &Phase) {
                 measure,
                 read,
             } => out.push_str(&format!(
-                "  {label} {who}: hold {} at {weight}% of the canary's share, then judge {} from {access_log}: abort above +{:.1} points of 5xx or {}x the others' mean upstream time, or below {} canary requests\n      $ {measure}\n      after the hold, the size it printed on stdin to:\n      $ {read}\n",
+                "  {label} {who}: hold {} at {weight}% of the canary's share, then judge {} from {access_log}: abort above +{:.1} points of 5xx or {}x the others' mean upstream time, or below {} canary requests\n      $ {}\n      after the hold, the size it printed on stdin to:\n      $ {}\n",
                 humantime::format_duration(*hold),
                 canary.join(", "),
                 judgement.max_error_rate_increase * 100.0,
                 judgement.max_latency_ratio,
                 judgement.min_requests,
+                sent(measure),
+                sent(read),
             )),
             Action::AwaitDecision { file, command } => out.push_str(&format!(
-                "  {label} {who}: wait for `roller promote` or `roller abort` (they write {file})\n      $ {command}, every second\n"
+                "  {label} {who}: wait for `roller promote` or `roller abort` (they write {file})\n      $ {}, every second\n",
+                sent(command)
             )),
             Action::CapacityCheck {
                 staying,

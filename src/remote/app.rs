@@ -287,6 +287,7 @@ mod tests {
             restart: "sudo systemctl restart shop".into(),
             port: 8080,
             keep_releases: 5,
+            sudo: false,
         }
     }
 

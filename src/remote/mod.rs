@@ -7,13 +7,15 @@
 //! Building commands as data keeps `roller plan` honest (it prints these very strings) and lets
 //! tests check them as text. `app` holds the commands run on app hosts, `nginx` those of the
 //! Nginx load-balancer driver, `lock` the deploy lock's on the lock host, `state` the rollout
-//! state's and the canary decision's there.
+//! state's and the canary decision's there, `sudo` the wrapper that runs a side's commands as
+//! root.
 
 mod app;
 pub mod health;
 pub mod lock;
 pub mod nginx;
 pub mod state;
+pub mod sudo;
 
 pub use app::{
     artifact_present, keep_old, log_since, log_size, mark_live, preflight, prune, prune_slots,

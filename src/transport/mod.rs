@@ -9,6 +9,7 @@ pub mod reach;
 pub mod reconnect;
 pub mod sessions;
 pub mod ssh;
+pub mod sudo;
 
 use std::sync::Arc;
 use std::time::Duration;
