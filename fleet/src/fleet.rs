@@ -130,11 +130,16 @@ impl Fleet {
 
         let java = proc::find_jdk_tool("java")?;
         let nginx_bin = proc::find_program("nginx")?;
-        // nginx runs as the current user; a lean LB login is the same uid under another name.
-        let user = if spec.lean_lb && users::is_root() && spec.mode != Mode::BlueGreenSingle {
-            users::ensure(users::Login::RootLean)?.user
-        } else {
-            current_user()?
+        // nginx runs as the current user; a lean LB login is the same uid under another name,
+        // a sudo login another user.
+        let lb_login = spec
+            .lb_login
+            .or(spec.lean_lb.then_some(users::Login::RootLean));
+        let user = match lb_login {
+            Some(login) if users::is_root() && spec.mode != Mode::BlueGreenSingle => {
+                users::ensure(login)?.user
+            }
+            _ => current_user()?,
         };
         let (lb, mut hosts) = layout(&spec);
         let bastion = bastion_layout(&spec);
@@ -188,6 +193,11 @@ impl Fleet {
             install_host(host, &fleet.state, &v1)?;
             if let Some(login) = &host.login {
                 users::chown_tree(&host.dir, login.uid, login.gid)?;
+                if fleet.state.spec.app_logins.iter().any(|l| l.has_sudo()) {
+                    // Releases and links are root's, as under /opt on a production host:
+                    // the deploy user changes them only through sudo.
+                    users::chown_tree(&host.dir.join(APP_DIR), 0, 0)?;
+                }
             }
         }
 

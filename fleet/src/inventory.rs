@@ -44,6 +44,7 @@ impl Fleet {
              restart = {restart}\n\
              port = {app_port}\n\
              keep_releases = 5\n\
+             {app_sudo}\
              \n\
              [health]\n\
              path = {health}\n\
@@ -59,8 +60,22 @@ impl Fleet {
              test = {test}\n\
              reload = {reload}\n\
              pid_file = {pid_file}\n\
-             drain_timeout = \"10s\"\n",
+             drain_timeout = \"10s\"\n\
+             {lb_sudo}",
             user = q(&s.user),
+            // Deploy users with sudo reach root's files only through it.
+            app_sudo = if !s.spec.app_logins.is_empty()
+                && s.hosts.iter().all(|h| h.login.is_some())
+                && s.spec.app_logins.iter().all(|l| l.has_sudo())
+            {
+                "sudo = true\n"
+            } else {
+                ""
+            },
+            lb_sudo = match s.spec.lb_login {
+                Some(login) if login.has_sudo() && s.user == login.user() => "sudo = true\n",
+                _ => "",
+            },
             ssh_port = s.spec.ssh_port,
             // Hosts that admit only the bastion are reached through it, as in a private subnet.
             proxy_jump = match (s.spec.bastion, s.bastion.as_ref()) {

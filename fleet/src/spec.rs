@@ -83,6 +83,11 @@ pub struct FleetSpec {
     /// of a JVM: a hundred of them fit on one machine.
     #[serde(default)]
     pub light_apps: bool,
+    /// Who the load balancer (and so the inventory's `ssh.user`) logs in as, when the fleet
+    /// runs as root and it is not the current user, who runs nginx: a deploy user with sudo,
+    /// who can change nothing of nginx's without it.
+    #[serde(default)]
+    pub lb_login: Option<Login>,
 }
 
 /// A bastion host in front of the fleet, as in a cloud VPC where the hosts have private
@@ -121,6 +126,7 @@ impl FleetSpec {
             app_logins: Vec::new(),
             lean_lb: false,
             light_apps: false,
+            lb_login: None,
         }
     }
 
@@ -213,6 +219,17 @@ impl FleetSpec {
     /// Has every app host log in as `login`, e.g. a deploy user with sudo.
     pub fn with_app_login(mut self, login: Login) -> Self {
         self.app_logins = vec![login];
+        self
+    }
+
+    /// Every host, the load balancer included, logs in as `login`, a deploy user with sudo
+    /// ([`Login::Sudo`], [`Login::SudoPassword`]): nginx's files and its master stay root's,
+    /// and the app hosts' `shop/` directories too (as `/opt/<app>` on a production host), so
+    /// only commands run through sudo can change either. The inventory then says
+    /// `sudo = true` for both sides.
+    pub fn with_sudo_logins(mut self, login: Login) -> Self {
+        self.app_logins = vec![login];
+        self.lb_login = Some(login);
         self
     }
 

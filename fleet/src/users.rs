@@ -75,6 +75,11 @@ impl Login {
         }
     }
 
+    /// A deploy user whose commands need sudo to become root.
+    pub fn has_sudo(self) -> bool {
+        matches!(self, Login::Sudo | Login::SudoPassword)
+    }
+
     /// rc files written into the user's home, file name and content.
     fn rc_files(self) -> &'static [(&'static str, &'static str)] {
         match self {
@@ -194,17 +199,20 @@ pub fn ensure(login: Login) -> anyhow::Result<Account> {
     })
 }
 
-/// What [`Login::Sudo`] may run as root without a password: what an operator's inventory
-/// runs with sudo (`systemctl` for the service, nginx to test and reload), and the scripts in
-/// the `bin/` of any host of a fleet in this target directory.
+/// What [`Login::Sudo`] may run as root without a password: `/bin/sh`, which roller runs every
+/// command with under `sudo = true` (and so root for anything), then what an operator's
+/// inventory runs with sudo in its own commands when it does not (`systemctl` for the service,
+/// nginx to test and reload), and the scripts in the `bin/` of any host of a fleet in this
+/// target directory.
 pub fn sudo_commands() -> anyhow::Result<Vec<String>> {
     let target = crate::target_dir();
     let target = target
         .to_str()
         .with_context(|| format!("{} is not UTF-8", target.display()))?;
-    let mut commands = vec![sudoers_escape(
-        &proc::find_program("nginx")?.to_string_lossy(),
-    )];
+    let mut commands = vec![
+        "/bin/sh".to_string(),
+        sudoers_escape(&proc::find_program("nginx")?.to_string_lossy()),
+    ];
     if let Ok(systemctl) = proc::find_program("systemctl") {
         commands.push(sudoers_escape(&systemctl.to_string_lossy()));
     }
