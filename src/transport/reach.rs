@@ -118,7 +118,14 @@ impl Reach<'_> {
             Some(self.hops(hops, 0)?)
         } else if self.ssh.proxy_command.is_some() {
             None
-        } else if let Some(hops) = self.ssh.proxy_jump.as_ref().or(entry.proxy_jump.as_ref()) {
+        } else if let Some(hops) = &self.ssh.proxy_jump {
+            Some(self.hops(hops, 0)?)
+        } else if let Some(command) = &entry.proxy_command {
+            return Err(format!(
+                "{name}: the ProxyCommand for {alias} ({command}) is not run by roller; set \
+                 ssh.proxy_command, or proxy_jump, in the inventory"
+            ));
+        } else if let Some(hops) = &entry.proxy_jump {
             Some(self.hops(hops, 0)?)
         } else {
             None
@@ -152,6 +159,12 @@ impl Reach<'_> {
         let mut resolved = Vec::new();
         for (i, hop) in hops.iter().enumerate() {
             let entry = self.entry(&hop.address)?;
+            if let (0, Some(command), None) = (i, &entry.proxy_command, &entry.proxy_jump) {
+                return Err(format!(
+                    "bastion {}: its ProxyCommand ({command}) is not run by roller",
+                    hop.address
+                ));
+            }
             if i == 0
                 && let Some(before) = entry.proxy_jump.as_ref().filter(|h| !h.is_empty())
             {

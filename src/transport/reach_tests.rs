@@ -149,6 +149,37 @@ fn a_proxy_command_in_the_inventory_wins_over_the_configs_proxy_jump() {
 }
 
 #[test]
+fn a_proxy_command_in_the_config_is_refused_only_where_it_would_be_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config");
+    std::fs::write(&file, "Host *\n  ProxyCommand nc %h %p\n").unwrap();
+    let config = ConfigFile::load(&file, false).unwrap();
+    let ssh = Inventory::parse(&format!("[ssh]\nuser = \"u\"\n{REST}{}", host("w", "")))
+        .unwrap()
+        .ssh;
+    let reach = Reach {
+        ssh: &ssh,
+        config: Some(&config),
+        local_user: None,
+    };
+    let err = reach
+        .endpoint("w", "w", None, &HostReach::default())
+        .unwrap_err();
+    assert!(
+        err.contains("ProxyCommand") && err.contains("nc %h %p"),
+        "{err}"
+    );
+    let direct = HostReach {
+        proxy_jump: Some(vec![]),
+        ..HostReach::default()
+    };
+    assert_eq!(
+        reach.endpoint("w", "w", None, &direct).unwrap().proxy_jump,
+        Some(vec![])
+    );
+}
+
+#[test]
 fn a_bastion_reached_through_another_comes_after_it() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("config");

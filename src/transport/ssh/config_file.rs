@@ -30,6 +30,9 @@ pub struct HostEntry {
     pub identity_files: Vec<PathBuf>,
     /// `Some(vec![])` is `ProxyJump none`.
     pub proxy_jump: Option<Vec<Hop>>,
+    /// A `ProxyCommand` (other than `none`): roller does not run it, so a host that would be
+    /// reached through it is refused unless the inventory says how to reach it.
+    pub proxy_command: Option<String>,
 }
 
 impl ConfigFile {
@@ -79,16 +82,8 @@ impl ConfigFile {
             .unsupported_fields
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case("proxycommand"))
-            .map(|(_, args)| args);
-        if let Some(command) = proxy_command
-            && !command.iter().all(|c| c.eq_ignore_ascii_case("none"))
-        {
-            return Err(format!(
-                "{alias}: its ProxyCommand ({}) is not run by roller; set ssh.proxy_command in \
-                 the inventory instead",
-                command.join(" ")
-            ));
-        }
+            .map(|(_, args)| args.join(" "))
+            .filter(|command| !command.eq_ignore_ascii_case("none"));
         let proxy_jump = match &params.proxy_jump {
             None => None,
             Some(spec) => Some(
@@ -104,6 +99,7 @@ impl ConfigFile {
             port: params.port,
             identity_files: params.identity_file.unwrap_or_default(),
             proxy_jump,
+            proxy_command,
         })
     }
 }
@@ -231,8 +227,11 @@ mod tests {
         assert_eq!(empty.host("web-1").unwrap(), HostEntry::default());
 
         let c = config("Host web-*\n  ProxyCommand nc %h %p\nHost db-*\n  ProxyCommand none\n");
-        assert!(c.host("web-1").unwrap_err().contains("ProxyCommand"));
-        assert!(c.host("db-1").is_ok());
+        assert_eq!(
+            c.host("web-1").unwrap().proxy_command.as_deref(),
+            Some("nc %h %p")
+        );
+        assert_eq!(c.host("db-1").unwrap().proxy_command, None);
     }
 
     #[test]
