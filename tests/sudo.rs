@@ -16,14 +16,21 @@ use std::process::Command;
 
 use e2e::*;
 use roller_fleet::users::{Login, is_root};
-use roller_fleet::{Fleet, FleetSpec, JarSpec};
+use roller_fleet::{Fleet, FleetSpec, JarSpec, Mode};
 
 fn fleet_of_deploy_users(test: &str, hosts: usize, login: Login) -> Option<Fleet> {
+    fleet_of_deploy_users_in(test, hosts, login, Mode::Rolling)
+}
+
+fn fleet_of_deploy_users_in(test: &str, hosts: usize, login: Login, mode: Mode) -> Option<Fleet> {
     if !is_root() {
         eprintln!("skipped: the fleet creates its deploy users only when run as root");
         return None;
     }
-    let fleet = Fleet::up(FleetSpec::for_test(test, hosts).with_sudo_logins(login)).unwrap();
+    let spec = FleetSpec::for_test(test, hosts)
+        .with_mode(mode)
+        .with_sudo_logins(login);
+    let fleet = Fleet::up(spec).unwrap();
     assert_eq!(fleet.user(), login.user(), "the load balancer's login");
     for host in fleet.host_names() {
         assert_eq!(fleet.host_user(&host), login.user());
@@ -232,5 +239,45 @@ fn a_sudo_that_asks_for_a_password_is_refused_before_anything_changes() {
     for host in fleet.host_names() {
         let releases = fleet.host_dir(&host).join("shop/releases");
         assert!(!releases.join("v2").exists(), "{host} got v2");
+    }
+}
+
+/// Blue-green as the deploy user: the idle slots start as root, traffic moves in one reload,
+/// and the keep-old timer, started through sudo too, stops the old slots as root.
+#[test]
+fn a_blue_green_release_and_its_keep_old_timer_run_through_sudo() {
+    let Some(fleet) = fleet_of_deploy_users_in("sudo_bg", 2, Login::Sudo, Mode::BlueGreen) else {
+        return;
+    };
+    let inventory = inventory_with(&fleet, &[("blue_green", "keep_old", "3s".into())]);
+    let v2 = fleet.jar(&JarSpec::healthy("v2")).unwrap();
+    for host in fleet.host_names() {
+        assert!(fleet.slot_pid(&host, "blue").is_some(), "{host}: blue runs");
+    }
+    let load = start_load(&fleet);
+
+    let run = rollout(&inventory, &v2, "v2", "1");
+    let traffic = load.stop();
+
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_no_failed_requests(&traffic);
+    assert_eq!(fleet.live_slot().as_deref(), Some("green"));
+    for host in fleet.host_names() {
+        assert_eq!(fleet.slot_release(&host, "green").as_deref(), Some("v2"));
+        assert_eq!(fleet.slot_version(&host, "green").as_deref(), Some("v2"));
+        let link = fleet.host_dir(&host).join("shop/current-green");
+        assert_eq!(owner(&link), 0, "{host}");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while fleet
+        .host_names()
+        .iter()
+        .any(|h| fleet.slot_pid(h, "blue").is_some())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old blue slots still run a minute after keep_old"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
