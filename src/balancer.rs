@@ -44,6 +44,10 @@ pub trait Balancer: Send + Sync {
     fn apply_command(&self) -> String;
     /// Validates the live configuration without changing anything.
     fn test_command(&self) -> String;
+    /// Prints the live configuration, which [`Balancer::parse_down`] and
+    /// [`Balancer::parse_port`] read, and does nothing else (no validation, no check of who
+    /// may write it): `roller status`.
+    fn show_command(&self) -> String;
     /// Prints the number of connections from this load balancer still open to `hosts` and,
     /// on a second line where it can tell, how many of its processes from before the last pool
     /// change are still alive: 0 there means everything left routes with the current pool.
@@ -158,6 +162,10 @@ impl Balancer for Nginx {
 
     fn test_command(&self) -> String {
         remote::nginx::test(&self.config)
+    }
+
+    fn show_command(&self) -> String {
+        remote::nginx::show(&self.config)
     }
 
     fn parse_down(&self, output: &str) -> BTreeSet<String> {

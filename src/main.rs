@@ -16,6 +16,7 @@ use roller::commands::plan::PlanRequest;
 use roller::commands::resume::ResumeRequest;
 use roller::commands::rollback::RollbackRequest;
 use roller::commands::rollout::RolloutRequest;
+use roller::commands::status::StatusRequest;
 use roller::commands::switch_back::SwitchBackRequest;
 use roller::commands::{self, Finished};
 use roller::discovery;
@@ -106,6 +107,12 @@ enum Command {
         after_help = "Examples:\n  roller check -i roller.toml\n  roller check -i roller.toml --tag az-a --output json"
     )]
     Check(CheckArgs),
+    /// What every host runs, its health, the pool on every load balancer, the deploy lock and
+    /// an unfinished rollout; read-only: takes no lock, changes nothing.
+    #[command(
+        after_help = "Examples:\n  roller status -i roller.toml\n  roller status -i roller.toml --tag az-a --output json"
+    )]
+    Status(SelectArgs),
     /// Print a shell completion script.
     #[command(
         after_help = "Examples:\n  roller completions bash > /etc/bash_completion.d/roller\n  roller completions zsh > \"${fpath[1]}/_roller\"\n  roller completions fish > ~/.config/fish/completions/roller.fish"
@@ -250,6 +257,14 @@ struct UnlockArgs {
 }
 
 #[derive(Args)]
+struct SelectArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    select: Select,
+}
+
+#[derive(Args)]
 struct CheckArgs {
     #[command(flatten)]
     common: Common,
@@ -323,6 +338,7 @@ fn main() -> ExitCode {
         Command::SwitchBack(a) => a.common.output,
         Command::Promote(a) | Command::Abort(a) => a.common.output,
         Command::Check(a) => a.common.output,
+        Command::Status(a) => a.common.output,
         Command::Completions { .. } => unreachable!("handled above"),
     };
     let runtime = match tokio::runtime::Runtime::new() {
@@ -343,6 +359,7 @@ fn main() -> ExitCode {
         Command::Promote(args) => runtime.block_on(decide(args, Decision::Promote)),
         Command::Abort(args) => runtime.block_on(decide(args, Decision::Abort)),
         Command::Check(args) => runtime.block_on(check_command(args)),
+        Command::Status(args) => runtime.block_on(status_command(args)),
         Command::Completions { .. } => unreachable!("handled above"),
     };
     match result {
@@ -602,6 +619,23 @@ async fn check_command(args: &CheckArgs) -> Result<u8, Error> {
     } else {
         exit::PREFLIGHT
     })
+}
+
+async fn status_command(args: &SelectArgs) -> Result<u8, Error> {
+    let status = commands::status::status(StatusRequest {
+        inventory: load_inventory(&args.common).await?,
+        inventory_path: args.common.inventory.clone(),
+        selection: args.select.to_lib(),
+    })
+    .await?;
+    match args.common.output {
+        Output::Json => println!(
+            "{}",
+            json_event("status", serde_json::json!({ "status": status }))
+        ),
+        Output::Text => print!("{}", status.render_text()),
+    }
+    Ok(exit::OK)
 }
 
 async fn unlock_command(args: &UnlockArgs) -> Result<u8, Error> {

@@ -188,7 +188,7 @@ pub fn lock_spec(inv: &Inventory) -> LockSpec {
     }
 }
 
-pub(crate) fn connector(inv: &Inventory) -> Result<SshConnector> {
+fn connector(inv: &Inventory) -> Result<SshConnector> {
     let setup_failed = |message: String| Error::Preflight {
         failures: vec![HostFailure {
             host: "(controller)".into(),
@@ -236,6 +236,30 @@ pub async fn connect_lock_host(inv: &Inventory) -> Result<Arc<dyn Transport>> {
     let mut sessions =
         executor::run_as_configured(inv, Sessions::from([(name.clone(), session)])).await?;
     Ok(sessions.remove(&name).expect("the lock host's session"))
+}
+
+/// One connection to every app host and load balancer of `inv`, without the lock, for the
+/// commands that only look (`check`, `status`): a host that cannot be reached is a problem
+/// naming it, not the end of the command, so it does not hide what the others show.
+pub async fn connect_each(inv: &Inventory) -> Result<(Sessions, Vec<HostFailure>)> {
+    let connector = connector(inv)?;
+    let endpoints = executor::endpoints(inv)?;
+    let connected = futures::future::join_all(endpoints.iter().map(|e| connector.connect(e))).await;
+    let mut sessions = Sessions::new();
+    let mut failures = Vec::new();
+    for (endpoint, result) in endpoints.into_iter().zip(connected) {
+        match result {
+            Ok(session) => {
+                sessions.insert(endpoint.name, session);
+            }
+            Err(e) => failures.push(HostFailure {
+                host: endpoint.name,
+                step: "connect".into(),
+                message: e.to_string(),
+            }),
+        }
+    }
+    Ok((sessions, failures))
 }
 
 /// Appends to `<dir>/<app>/locks.jsonl`, the record of who took the lock from whom; failing to

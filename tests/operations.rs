@@ -64,6 +64,63 @@ fn a_selection_rolls_out_only_the_selected_hosts() {
     assert!(!fleet.host_dir("web-2").join("shop/releases/v2").exists());
     assert_eq!(fleet.app_version("web-2").as_deref(), Some("v1"));
     assert_eq!(fleet.upstream_text().matches(" down").count(), 0);
+
+    // Status shows what the selection did, and changes nothing.
+    let before = fleet_files(&fleet);
+    let status = roller(&["status", "--inventory", inventory.to_str().unwrap()]);
+    assert_eq!(status.code, Some(0), "{}", status.stderr);
+    let doc = &status.lines[0]["status"];
+    let hosts: Vec<(&str, &str, Vec<&str>, bool)> = doc["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["name"].as_str().unwrap(),
+                h["live"].as_str().unwrap(),
+                h["releases"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.as_str().unwrap())
+                    .collect(),
+                h["healthy"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        hosts,
+        [
+            ("web-1", "v2", vec!["v1", "v2"], true),
+            ("web-2", "v1", vec!["v1"], true),
+            ("web-3", "v2", vec!["v1", "v2"], true),
+        ]
+    );
+    assert_eq!(
+        doc["balancers"][0]["pool"],
+        serde_json::json!({ "web-1": "in", "web-2": "in", "web-3": "in" })
+    );
+    assert_eq!(doc["lock"], Value::Null);
+    assert_eq!(doc["unfinished"], Value::Null);
+    insta::assert_json_snapshot!(
+        "status_after_rollout",
+        redacted(status.lines[0].clone(), &fleet)
+    );
+    let selected = roller(&[
+        "status",
+        "--inventory",
+        inventory.to_str().unwrap(),
+        "--hosts",
+        "web-2",
+    ]);
+    let shown: Vec<&Value> = selected.lines[0]["status"]["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| &h["name"])
+        .collect();
+    assert_eq!(shown, ["web-2"]);
+    assert_eq!(fleet_files(&fleet), before, "status changed something");
 }
 
 /// Every file, directory and link under the hosts' app directories and the load balancer's
@@ -230,4 +287,79 @@ fn check_passes_on_a_healthy_fleet_and_names_a_host_with_a_wrong_key_changing_no
     assert_eq!(code, Some(3));
     assert!(text.contains("  - web-2 [connect]: "), "{text}");
     assert_eq!(fleet_files(&fleet), before, "check changed something");
+}
+
+#[test]
+fn status_shows_an_unfinished_rollout_and_the_command_that_finishes_it() {
+    let fleet = Fleet::up(FleetSpec::for_test("status-kill", 2)).unwrap();
+    let inventory = fleet.inventory_path();
+    let inv = inventory.to_str().unwrap();
+    let v2 = fleet
+        .jar(&JarSpec::healthy("v2").with_startup_delay(std::time::Duration::from_millis(1500)))
+        .unwrap();
+    let mut running = Running::start(&rollout_args(&inventory, &v2, "v2", "1", &[]));
+    running.wait_for_step("drain", &fleet.lb_address(), "succeeded");
+    running.signal(libc::SIGKILL);
+    assert_eq!(
+        running.finish().code,
+        None,
+        "roller should have died by SIGKILL"
+    );
+    let before = fleet_files(&fleet);
+
+    let status = roller(&["status", "--inventory", inv]);
+    assert_eq!(status.code, Some(0), "{}", status.stderr);
+    let doc = &status.lines[0]["status"];
+    let unfinished = &doc["unfinished"];
+    assert_eq!(unfinished["release"], "v2", "{doc}");
+    assert_eq!(unfinished["status"], "running");
+    assert_eq!(unfinished["partway"], serde_json::json!(["web-1"]));
+    assert_eq!(
+        unfinished["finish"],
+        format!("roller resume --inventory {inv}")
+    );
+    assert_eq!(
+        unfinished["undo"],
+        format!("roller recover --inventory {inv}")
+    );
+    // The killed controller ran on this machine and its pid is gone: its lock is shown, and
+    // would be taken over.
+    assert_eq!(doc["lock"]["release"], "v2");
+    assert_eq!(doc["lock"]["live"], false);
+    assert_eq!(doc["balancers"][0]["pool"]["web-1"], "down");
+    assert_eq!(doc["balancers"][0]["pool"]["web-2"], "in");
+    let (code, text, _) = text_output(&["status", "--inventory", inv]);
+    assert_eq!(code, Some(0));
+    assert!(
+        text.contains(&format!("  finish it: roller resume --inventory {inv}\n")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("OUT OF THE POOL on {}", fleet.lb_address())),
+        "{text}"
+    );
+
+    // check refuses on it, naming the lock host and the same command.
+    let check = roller(&["check", "--inventory", inv]);
+    assert_eq!(check.code, Some(3), "{}", check.stderr);
+    let problems = check.lines[0]["check"]["problems"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0]["host"], fleet.lb_address());
+    assert_eq!(problems[0]["step"], "unfinished rollout");
+    assert!(
+        problems[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("finish it with `roller resume --inventory {inv}`")),
+        "{}",
+        problems[0]
+    );
+    assert_eq!(
+        fleet_files(&fleet),
+        before,
+        "status or check changed something"
+    );
 }

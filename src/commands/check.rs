@@ -2,23 +2,19 @@
 //! unfinished rollout would keep one out, without changing anything. It runs pre-flight's own
 //! checks ([`executor::survey`]), so what passes here passes there.
 
-use std::path::PathBuf;
-use std::sync::Arc;
-
-use futures::future::join_all;
 use serde::Serialize;
+use std::path::PathBuf;
 
 use super::{Hints, lock_view, read_state};
 use crate::balancer::Nginx;
 use crate::error::{HostFailure, Result};
-use crate::executor::{self, Sessions};
+use crate::executor;
 use crate::health::HttpOverSsh;
 use crate::inventory::{Inventory, Strategy};
 use crate::plan::Artifact;
 use crate::report::{Event, Reporter};
 use crate::selection::Selection;
 use crate::session;
-use crate::transport::Connector;
 
 /// What `roller check` is asked.
 pub struct CheckRequest {
@@ -115,28 +111,12 @@ pub async fn check(request: CheckRequest) -> Result<CheckReport> {
         .map(Artifact::load)
         .transpose()?;
     let hints = Hints::for_inventory(&request.inventory_path);
-    let connector: Arc<dyn Connector> = Arc::new(session::connector(&inv)?);
     let balancer = Nginx::new(&inv.balancer, &inv.app, &inv.hosts);
     if let Some(selected) = &selected {
         inv.hosts.retain(|h| selected.contains(&h.name));
     }
 
-    let endpoints = executor::endpoints(&inv)?;
-    let connected = join_all(endpoints.iter().map(|e| connector.connect(e))).await;
-    let mut problems = Vec::new();
-    let mut sessions = Sessions::new();
-    for (endpoint, result) in endpoints.into_iter().zip(connected) {
-        match result {
-            Ok(session) => {
-                sessions.insert(endpoint.name, session);
-            }
-            Err(e) => problems.push(HostFailure {
-                host: endpoint.name,
-                step: "connect".into(),
-                message: e.to_string(),
-            }),
-        }
-    }
+    let (mut sessions, mut problems) = session::connect_each(&inv).await?;
 
     let reached: std::collections::BTreeSet<String> = sessions.keys().cloned().collect();
     // With `sudo = true`, sudo is asked first, as a rollout asks it; pre-flight then runs

@@ -25,6 +25,7 @@ pub mod plan;
 pub mod resume;
 pub mod rollback;
 pub mod rollout;
+pub mod status;
 pub mod switch_back;
 pub mod unlock;
 

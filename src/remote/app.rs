@@ -23,6 +23,19 @@ pub fn preflight(app: &AppConfig) -> String {
     .into_string()
 }
 
+/// Reads, changing nothing, what `roller status` shows of an app host: the `current` and slot
+/// links' targets as `key=value` lines, and one `release=<name>` line per directory in
+/// `releases/`. Names are printed as they are; the caller checks them.
+pub fn inspect(app: &AppConfig) -> String {
+    sh![
+        "d=",
+        q(&app.dir),
+        "; printf 'current=%s\\nblue=%s\\ngreen=%s\\n' \"$(readlink \"$d/current\" 2>/dev/null)\" \"$(readlink \"$d/current-blue\" 2>/dev/null)\" \"$(readlink \"$d/current-green\" 2>/dev/null)\"; \
+         for r in \"$d\"/releases/*/; do [ -d \"$r\" ] || continue; r=${r%/}; printf 'release=%s\\n' \"${r##*/}\"; done; exit 0",
+    ]
+    .into_string()
+}
+
 /// The jar of `release` on the host, from `app.dir`.
 fn jar_path(app: &AppConfig, release: &str) -> String {
     format!("{}/{}/{}", app.dir, release_dir(release), app.jar_name)

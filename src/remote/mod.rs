@@ -18,8 +18,9 @@ pub mod state;
 pub mod sudo;
 
 pub use app::{
-    artifact_present, keep_old, log_since, log_size, mark_live, preflight, prune, prune_slots,
-    read_decision, release_dir, releases_held, switch, switch_back, switch_link, upload,
+    artifact_present, inspect, keep_old, log_since, log_size, mark_live, preflight, prune,
+    prune_slots, read_decision, release_dir, releases_held, switch, switch_back, switch_link,
+    upload,
 };
 
 /// Quotes one argument for POSIX `sh`. Inputs are validated single-line strings, so the only

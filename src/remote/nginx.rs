@@ -119,6 +119,11 @@ pub fn test(config: &BalancerConfig) -> String {
     .into_string()
 }
 
+/// Prints the upstream file, changing nothing: `roller status` reads the pool from it.
+pub fn show(config: &BalancerConfig) -> String {
+    sh![upstream_file(config), "cat \"$f\""].into_string()
+}
+
 /// See [`crate::balancer::Balancer::in_flight_command`]; `sockets` are the batch's
 /// `address:port` as nginx connects to them.
 ///
