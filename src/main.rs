@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
+mod inspect;
+
 use roller::commands::canary_decision::{self, Decision};
-use roller::commands::check::CheckRequest;
 use roller::commands::plan::PlanRequest;
 use roller::commands::resume::ResumeRequest;
 use roller::commands::rollback::RollbackRequest;
 use roller::commands::rollout::RolloutRequest;
-use roller::commands::status::StatusRequest;
 use roller::commands::switch_back::SwitchBackRequest;
 use roller::commands::{self, Finished};
 use roller::discovery;
@@ -106,13 +106,13 @@ enum Command {
     #[command(
         after_help = "Examples:\n  roller check -i roller.toml\n  roller check -i roller.toml --tag az-a --output json"
     )]
-    Check(CheckArgs),
+    Check(inspect::CheckArgs),
     /// What every host runs, its health, the pool on every load balancer, the deploy lock and
     /// an unfinished rollout; read-only: takes no lock, changes nothing.
     #[command(
         after_help = "Examples:\n  roller status -i roller.toml\n  roller status -i roller.toml --tag az-a --output json"
     )]
-    Status(SelectArgs),
+    Status(inspect::SelectArgs),
     /// Print a shell completion script.
     #[command(
         after_help = "Examples:\n  roller completions bash > /etc/bash_completion.d/roller\n  roller completions zsh > \"${fpath[1]}/_roller\"\n  roller completions fish > ~/.config/fish/completions/roller.fish"
@@ -257,26 +257,6 @@ struct UnlockArgs {
 }
 
 #[derive(Args)]
-struct SelectArgs {
-    #[command(flatten)]
-    common: Common,
-    #[command(flatten)]
-    select: Select,
-}
-
-#[derive(Args)]
-struct CheckArgs {
-    #[command(flatten)]
-    common: Common,
-    #[command(flatten)]
-    select: Select,
-    /// The jar a rollout would upload: every host must have room for it [default: only
-    /// pre-flight's margin of 10 MiB].
-    #[arg(long, short = 'a')]
-    artifact: Option<PathBuf>,
-}
-
-#[derive(Args)]
 struct SwitchBackArgs {
     #[command(flatten)]
     common: Common,
@@ -358,8 +338,8 @@ fn main() -> ExitCode {
         Command::SwitchBack(args) => runtime.block_on(switch_back_command(args)),
         Command::Promote(args) => runtime.block_on(decide(args, Decision::Promote)),
         Command::Abort(args) => runtime.block_on(decide(args, Decision::Abort)),
-        Command::Check(args) => runtime.block_on(check_command(args)),
-        Command::Status(args) => runtime.block_on(status_command(args)),
+        Command::Check(args) => runtime.block_on(inspect::check(args)),
+        Command::Status(args) => runtime.block_on(inspect::status(args)),
         Command::Completions { .. } => unreachable!("handled above"),
     };
     match result {
@@ -594,46 +574,6 @@ async fn decide(args: &UnlockArgs, decision: Decision) -> Result<u8, Error> {
             "told rollout {} of {} to {decision}",
             state.id, state.release
         ),
-    }
-    Ok(exit::OK)
-}
-
-async fn check_command(args: &CheckArgs) -> Result<u8, Error> {
-    let report = commands::check::check(CheckRequest {
-        inventory: load_inventory(&args.common).await?,
-        inventory_path: args.common.inventory.clone(),
-        selection: args.select.to_lib(),
-        artifact: args.artifact.clone(),
-    })
-    .await?;
-    match args.common.output {
-        Output::Json => println!(
-            "{}",
-            json_event("check", serde_json::json!({ "check": report }))
-        ),
-        Output::Text if quiet() && report.ready => {}
-        Output::Text => print!("{}", report.render_text()),
-    }
-    Ok(if report.ready {
-        exit::OK
-    } else {
-        exit::PREFLIGHT
-    })
-}
-
-async fn status_command(args: &SelectArgs) -> Result<u8, Error> {
-    let status = commands::status::status(StatusRequest {
-        inventory: load_inventory(&args.common).await?,
-        inventory_path: args.common.inventory.clone(),
-        selection: args.select.to_lib(),
-    })
-    .await?;
-    match args.common.output {
-        Output::Json => println!(
-            "{}",
-            json_event("status", serde_json::json!({ "status": status }))
-        ),
-        Output::Text => print!("{}", status.render_text()),
     }
     Ok(exit::OK)
 }

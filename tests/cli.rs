@@ -303,15 +303,6 @@ fn a_selection_that_matches_nothing_or_cannot_apply_exits_2() {
     }
 }
 
-#[test]
-fn the_help_of_the_fleet_commands_is_pinned() {
-    for command in ["check", "status"] {
-        let out = roller(&[command, "--help"]);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        insta::assert_snapshot!(format!("help_{command}"), text(&out.stdout));
-    }
-}
-
 /// `roller plan --rollback-to` shows what `roller rollback --to` runs: the same batches as a
 /// rollout, marked as a rollback, with nothing staged.
 #[test]
