@@ -11,8 +11,9 @@ use std::time::Duration;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 mod inspect;
+mod lock_host;
 
-use roller::commands::canary_decision::{self, Decision};
+use roller::commands::canary_decision::Decision;
 use roller::commands::plan::PlanRequest;
 use roller::commands::resume::ResumeRequest;
 use roller::commands::rollback::RollbackRequest;
@@ -91,16 +92,16 @@ enum Command {
     #[command(
         after_help = "Example (only when `roller status` shows no live holder):\n  roller unlock -i roller.toml"
     )]
-    Unlock(UnlockArgs),
+    Unlock(lock_host::UnlockArgs),
     /// Blue-green: send traffic back to the other slot (one reload, no restart).
     #[command(after_help = "Example:\n  roller switch-back -i roller.toml")]
     SwitchBack(SwitchBackArgs),
     /// Canary with --pause: let the paused rollout go on to the rest of the fleet.
     #[command(after_help = "Example:\n  roller promote -i roller.toml")]
-    Promote(UnlockArgs),
+    Promote(lock_host::UnlockArgs),
     /// Canary with --pause: roll the canary back and stop.
     #[command(after_help = "Example:\n  roller abort -i roller.toml")]
-    Abort(UnlockArgs),
+    Abort(lock_host::UnlockArgs),
     /// Check that a rollout could start: inventory, every host and load balancer, the deploy
     /// lock; changes nothing. Exit 0 only when a rollout could start.
     #[command(
@@ -251,12 +252,6 @@ struct ResumeArgs {
 }
 
 #[derive(Args)]
-struct UnlockArgs {
-    #[command(flatten)]
-    common: Common,
-}
-
-#[derive(Args)]
 struct SwitchBackArgs {
     #[command(flatten)]
     common: Common,
@@ -334,10 +329,10 @@ fn main() -> ExitCode {
         Command::Rollback(args) => runtime.block_on(rollback_command(args)),
         Command::Resume(args) => runtime.block_on(resume_command(args, false)),
         Command::Recover(args) => runtime.block_on(resume_command(args, true)),
-        Command::Unlock(args) => runtime.block_on(unlock_command(args)),
+        Command::Unlock(args) => runtime.block_on(lock_host::unlock(args)),
         Command::SwitchBack(args) => runtime.block_on(switch_back_command(args)),
-        Command::Promote(args) => runtime.block_on(decide(args, Decision::Promote)),
-        Command::Abort(args) => runtime.block_on(decide(args, Decision::Abort)),
+        Command::Promote(args) => runtime.block_on(lock_host::decide(args, Decision::Promote)),
+        Command::Abort(args) => runtime.block_on(lock_host::decide(args, Decision::Abort)),
         Command::Check(args) => runtime.block_on(inspect::check(args)),
         Command::Status(args) => runtime.block_on(inspect::status(args)),
         Command::Completions { .. } => unreachable!("handled above"),
@@ -556,40 +551,6 @@ async fn switch_back_command(args: &SwitchBackArgs) -> Result<u8, Error> {
         commands::switch_back::run(request, &display).await?,
         args.common.output,
     )
-}
-
-async fn decide(args: &UnlockArgs, decision: Decision) -> Result<u8, Error> {
-    let inventory = Inventory::load(&args.common.inventory)?;
-    let state = canary_decision::decide(&inventory, decision).await?;
-    let decision = decision.as_str();
-    match args.common.output {
-        Output::Json => println!(
-            "{}",
-            json_event(
-                decision,
-                serde_json::json!({ "rollout": state.id, "release": state.release })
-            )
-        ),
-        Output::Text => println!(
-            "told rollout {} of {} to {decision}",
-            state.id, state.release
-        ),
-    }
-    Ok(exit::OK)
-}
-
-async fn unlock_command(args: &UnlockArgs) -> Result<u8, Error> {
-    let inventory = Inventory::load(&args.common.inventory)?;
-    let removed = commands::unlock::unlock(&inventory).await?;
-    match (&removed, args.common.output) {
-        (_, Output::Json) => println!(
-            "{}",
-            json_event("unlocked", serde_json::json!({ "removed": removed }))
-        ),
-        (Some(holder), Output::Text) => println!("removed the deploy lock held by {holder}"),
-        (None, Output::Text) => println!("there was no deploy lock"),
-    }
-    Ok(exit::OK)
 }
 
 /// How a run is shown: JSON events, a line per host on a terminal, or plain log lines.
