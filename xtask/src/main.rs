@@ -120,6 +120,10 @@ enum FleetAction {
         /// so that a hundred hosts fit on one machine.
         #[arg(long, conflicts_with_all = ["blue_green", "blue_green_single"])]
         light: bool,
+        /// As root only: every host, the LB included, logs in as the non-root deploy user
+        /// `roller-sudo`, and the inventory says `sudo = true` for both sides.
+        #[arg(long, conflicts_with = "blue_green_single")]
+        sudo: bool,
     },
     /// Stop the fleet's processes (by the PIDs it recorded).
     Down {
@@ -186,6 +190,7 @@ fn fleet(action: FleetAction) -> anyhow::Result<bool> {
             bastion_only,
             refuse_forwarding,
             light,
+            sudo,
         } => {
             let root = root.unwrap_or_else(default_root);
             let mode = match (blue_green, blue_green_single) {
@@ -205,6 +210,12 @@ fn fleet(action: FleetAction) -> anyhow::Result<bool> {
             }
             if light {
                 spec = spec.with_light_apps();
+            }
+            if sudo {
+                if !roller_fleet::users::is_root() {
+                    anyhow::bail!("--sudo needs root: the fleet creates its deploy user then");
+                }
+                spec = spec.with_sudo_logins(roller_fleet::users::Login::Sudo);
             }
             match mode {
                 Mode::Rolling => println!(
