@@ -118,7 +118,7 @@ fn a_config_file_that_does_not_parse_is_bad_input_naming_it_before_any_connectio
     assert_eq!(error["error"]["kind"], "ssh-config", "{error}");
     let message = error["message"].as_str().unwrap();
     assert!(
-        message.contains(config.to_str().unwrap()) && message.contains("does not parse"),
+        message.contains(config.to_str().unwrap()) && message.contains("line 2 does not parse"),
         "{message}"
     );
 

@@ -39,22 +39,15 @@ impl ConfigFile {
     /// Reads `file`. A missing file is an error unless `missing_is_empty` (the default
     /// `~/.ssh/config`, which `ssh` also does without).
     pub fn load(file: &Path, missing_is_empty: bool) -> Result<ConfigFile, String> {
-        let opened = match std::fs::File::open(file) {
-            Ok(f) => Some(f),
-            Err(e) if missing_is_empty && e.kind() == std::io::ErrorKind::NotFound => None,
+        let text = match std::fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(e) if missing_is_empty && e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(format!("cannot read it: {e}")),
         };
-        let parsed = match opened {
-            None => SshConfig::default(),
-            Some(f) => SshConfig::default()
-                .parse(
-                    &mut BufReader::new(f),
-                    // Options roller does not use are left alone, as `ssh` leaves alone what
-                    // it does not need for a given host.
-                    ParseRule::ALLOW_UNKNOWN_FIELDS | ParseRule::ALLOW_UNSUPPORTED_FIELDS,
-                )
-                .map_err(|e| format!("does not parse: {e}"))?,
-        };
+        let parsed = parse(&text).map_err(|e| match failing_line(&text) {
+            Some(line) => format!("line {line} does not parse: {e}"),
+            None => format!("does not parse: {e}"),
+        })?;
         // The parser does not know `Match`: the lines under it would count for the Host block
         // above it instead.
         if parsed.get_hosts().iter().any(|h| {
@@ -102,6 +95,22 @@ impl ConfigFile {
             proxy_command,
         })
     }
+}
+
+fn parse(text: &str) -> Result<SshConfig, ssh2_config::SshParserError> {
+    SshConfig::default().parse(
+        &mut BufReader::new(text.as_bytes()),
+        // Options roller does not use are left alone, as `ssh` leaves alone what it does not
+        // need for a given host.
+        ParseRule::ALLOW_UNKNOWN_FIELDS | ParseRule::ALLOW_UNSUPPORTED_FIELDS,
+    )
+}
+
+/// The parser does not say where it failed. Every line of an ssh config stands on its own, so
+/// the first line whose prefix of the file fails is the one (for an `Include`, its line).
+fn failing_line(text: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    (1..=lines.len()).find(|&n| parse(&lines[..n].join("\n")).is_err())
 }
 
 /// `HostName` may say `%h` (the alias) and `%%`, as in `ssh`.
@@ -213,9 +222,9 @@ mod tests {
         let err = ConfigFile::load(&file, false).unwrap_err();
         assert!(err.contains("Match"), "{err}");
 
-        std::fs::write(&file, "Host web-1\n  Port twenty-two\n").unwrap();
+        std::fs::write(&file, "Host web-1\n  User deploy\n  Port twenty-two\n").unwrap();
         let err = ConfigFile::load(&file, false).unwrap_err();
-        assert!(err.contains("does not parse"), "{err}");
+        assert!(err.starts_with("line 3 does not parse"), "{err}");
 
         let missing = dir.path().join("absent");
         assert!(
