@@ -78,3 +78,88 @@ pub async fn probe(session: &dyn Transport) -> Result<Result<(), Refused>, Trans
     };
     Ok(Err(Refused { refusal, stderr }))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Answers every command with one reply, and keeps what it was sent.
+    struct Host {
+        reply: ExecOutput,
+        sent: Mutex<Vec<String>>,
+    }
+
+    impl Host {
+        fn answering(status: u32, stdout: &str, stderr: &str) -> Arc<Host> {
+            Arc::new(Host {
+                reply: ExecOutput {
+                    status: Some(status),
+                    stdout: stdout.as_bytes().to_vec(),
+                    stderr: stderr.as_bytes().to_vec(),
+                },
+                sent: Mutex::new(Vec::new()),
+            })
+        }
+    }
+
+    #[async_trait]
+    impl Transport for Host {
+        async fn exec(
+            &self,
+            command: &str,
+            _: Option<Bytes>,
+            _: Duration,
+        ) -> Result<ExecOutput, TransportError> {
+            self.sent.lock().unwrap().push(command.to_string());
+            Ok(self.reply.clone())
+        }
+
+        async fn http_get(
+            &self,
+            _: &str,
+            _: u16,
+            _: &str,
+            _: Duration,
+        ) -> Result<u16, TransportError> {
+            Ok(200)
+        }
+
+        async fn close(&self) {}
+    }
+
+    #[tokio::test]
+    async fn every_command_goes_through_the_wrapper_and_the_probe_wants_uid_0() {
+        let host = Host::answering(0, "0\n", "sudo: unable to resolve host web-1\n");
+        let as_root = AsRoot::new(host.clone());
+        as_root
+            .exec("mv -T a b", None, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(
+            host.sent.lock().unwrap().as_slice(),
+            ["sudo -n /bin/sh -c 'mv -T a b'"]
+        );
+        // A warning on stderr does not matter: sudo ran it, as root.
+        assert_eq!(probe(host.as_ref()).await, Ok(Ok(())));
+        assert_eq!(
+            host.sent.lock().unwrap().last().unwrap(),
+            "LC_ALL=C sudo -n /bin/sh -c 'id -u'"
+        );
+
+        let not_root = Host::answering(0, "1000\n", "");
+        let refused = probe(not_root.as_ref()).await.unwrap().unwrap_err();
+        assert_eq!(refused.refusal, Refusal::NotRoot);
+
+        let password = Host::answering(1, "", "sudo: a password is required\n");
+        let refused = probe(password.as_ref()).await.unwrap().unwrap_err();
+        assert_eq!(
+            refused,
+            Refused {
+                refusal: Refusal::PasswordRequired,
+                stderr: "sudo: a password is required".into()
+            }
+        );
+    }
+}
