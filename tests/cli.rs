@@ -353,3 +353,48 @@ fn a_rollback_plan_stages_nothing_and_says_what_it_is() {
         text(&refused.stderr)
     );
 }
+
+/// Host-side hooks are plan steps: where they run in a batch, and their exact command.
+#[test]
+fn host_hooks_appear_in_the_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let inventory = dir.path().join("roller.toml");
+    let example = std::fs::read_to_string(example()).unwrap();
+    std::fs::write(
+        &inventory,
+        format!(
+            "{example}\n[hooks]\nbefore_drain = \"touch quiesced\"\nafter_healthy = \"curl -fsS localhost:8080/warm\"\ntimeout = \"30s\"\n"
+        ),
+    )
+    .unwrap();
+    let inventory = inventory.to_str().unwrap();
+    let out = roller(&[
+        "plan",
+        "-i",
+        inventory,
+        "--release",
+        "v2",
+        "--output",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let batches: Vec<serde_json::Value> = plan["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let phases: Vec<serde_json::Value> = b["phases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| match p["name"].as_str().unwrap() {
+                    "before-drain" | "after-healthy" => p.clone(),
+                    name => name.into(),
+                })
+                .collect();
+            serde_json::json!({ "hosts": b["hosts"], "phases": phases })
+        })
+        .collect();
+    insta::assert_json_snapshot!(batches);
+}

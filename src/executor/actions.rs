@@ -153,6 +153,10 @@ impl Executor<'_> {
                 run(session, command, None, COMMAND_DEADLINE).await?;
                 Ok(StepDone::Done)
             }
+            Action::Hook { command, timeout } => {
+                run(session, command, None, *timeout).await?;
+                Ok(StepDone::Done)
+            }
             Action::Switch { release, command } => {
                 self.switch(&step.target, session, release, command).await
             }

@@ -14,10 +14,14 @@ use crate::discovery::Discovery;
 use crate::error::{Error, Problem, Result};
 
 mod discovery;
+mod hooks;
 mod reader;
 mod sections;
+mod slot;
 mod ssh;
 
+pub use hooks::HooksConfig;
+pub use slot::Slot;
 pub use ssh::{HostReach, SshConfig, SshConfigFile};
 
 use reader::Reader;
@@ -31,6 +35,7 @@ pub struct Inventory {
     pub balancer: BalancerConfig,
     pub blue_green: Option<BlueGreenConfig>,
     pub canary: Option<CanaryConfig>,
+    pub hooks: HooksConfig,
     /// `[discovery.ec2]`: `hosts` stays empty until a command asks the source.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub discovery: Option<Discovery>,
@@ -98,29 +103,6 @@ impl BlueGreenConfig {
         template
             .replace("{slot}", slot.as_str())
             .replace("{port}", &self.port(slot).to_string())
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Slot {
-    Blue,
-    Green,
-}
-
-impl Slot {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Slot::Blue => "blue",
-            Slot::Green => "green",
-        }
-    }
-
-    pub fn other(self) -> Slot {
-        match self {
-            Slot::Blue => Slot::Green,
-            Slot::Green => Slot::Blue,
-        }
     }
 }
 
@@ -341,6 +323,7 @@ impl Inventory {
                 "balancer",
                 "blue_green",
                 "canary",
+                "hooks",
                 "discovery",
                 "hosts",
             ],
@@ -547,6 +530,7 @@ impl Inventory {
                 }
             }
         }
+        let hooks = r.hooks(&root);
         if !r.problems.is_empty() {
             return Err(r.finish());
         }
@@ -558,6 +542,7 @@ impl Inventory {
             balancer,
             blue_green,
             canary,
+            hooks,
             discovery,
             hosts,
         })

@@ -136,6 +136,10 @@ pub enum PhaseName {
     Observe,
     /// Canary with `--pause`: wait for `roller promote` or `roller abort`.
     AwaitDecision,
+    /// `hooks.before_drain` on each host of the batch, before the pool change takes it out.
+    BeforeDrain,
+    /// `hooks.after_healthy` on each host of the batch, once healthy; failing fails the batch.
+    AfterHealthy,
 }
 
 impl PhaseName {
@@ -159,6 +163,8 @@ impl PhaseName {
             PhaseName::SetWeight => "set-weight",
             PhaseName::Observe => "observe",
             PhaseName::AwaitDecision => "await-decision",
+            PhaseName::BeforeDrain => "before-drain",
+            PhaseName::AfterHealthy => "after-healthy",
         }
     }
 }
@@ -207,6 +213,13 @@ pub enum Action {
     StopSlot { slot: Slot, command: String },
     /// Blue-green: records the live slot and stops the old one once `keep_old` has passed.
     KeepOld { command: String },
+    /// A host-side hook from `[hooks]`, the operator's command as written, on the host as the
+    /// SSH user; it must exit 0 within `timeout`.
+    Hook {
+        command: String,
+        #[serde(with = "human")]
+        timeout: Duration,
+    },
     /// Removes old releases and prints those it removed.
     Prune { command: String },
     /// `check` prints `present` when the host already holds the jar; otherwise the jar is

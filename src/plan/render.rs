@@ -153,6 +153,10 @@ fn render_steps(out: &mut String, sudo: Sudo, label: &str, phase: &Phase) {
             | Action::Prune { command } => {
                 out.push_str(&format!("  {label} {who}\n      $ {}\n", sent(command)));
             }
+            Action::Hook { command, timeout } => out.push_str(&format!(
+                "  {label} {who}: at most {}\n      $ {command}\n",
+                humantime::format_duration(*timeout)
+            )),
             Action::Upload { check, upload } => out.push_str(&format!(
                 "  {label} {who}\n      $ {}\n      unless present, the jar on stdin to:\n      $ {}\n",
                 sent(check),

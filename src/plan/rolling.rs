@@ -318,8 +318,29 @@ impl<'a> Batches<'a> {
     /// One reload per batch boundary: a rolling batch that is healthy returns to the pool in
     /// the same rewrite that takes the next batch out, once the next batch's capacity check
     /// passed (counting this batch as back). A canary returns on its own terms.
+    /// With `hooks.before_drain`, every batch leaves the pool in its own change, after its own
+    /// hook: the hook runs before the batch is taken out, and never as part of another batch.
     fn hands_over(&self, i: usize) -> bool {
-        i + 1 < self.groups.len() && !(self.canary.is_some() && i == 0)
+        i + 1 < self.groups.len()
+            && !(self.canary.is_some() && i == 0)
+            && self.inv.hooks.before_drain.is_none()
+    }
+
+    /// The `[hooks]` command for `name` on each of `hosts`, if one is configured.
+    fn hook(&self, name: PhaseName, hosts: &[&Host]) -> Option<Phase> {
+        let hooks = &self.inv.hooks;
+        let command = match name {
+            PhaseName::BeforeDrain => hooks.before_drain.as_ref(),
+            PhaseName::AfterHealthy => hooks.after_healthy.as_ref(),
+            _ => None,
+        }?;
+        Some(Phase {
+            name,
+            steps: app_steps(hosts.iter().copied(), &|h| Action::Hook {
+                command: remote::hook(&self.inv.app, &self.targets[&h.name], &h.name, command),
+                timeout: hooks.timeout,
+            }),
+        })
     }
 
     fn batch(&self, i: usize) -> Batch {
@@ -330,6 +351,7 @@ impl<'a> Batches<'a> {
         let mut phases = Vec::new();
         if !taken_out {
             phases.push(self.capacity(i, Vec::new()));
+            phases.extend(self.hook(PhaseName::BeforeDrain, hosts));
             phases.push(phase(PhaseName::RemoveFromPool, self.set_pool(&group.out)));
         }
         phases.extend([
@@ -344,6 +366,7 @@ impl<'a> Batches<'a> {
             phase(PhaseName::Restart, self.restart(hosts)),
             phase(PhaseName::HealthCheck, self.health(hosts)),
         ]);
+        phases.extend(self.hook(PhaseName::AfterHealthy, hosts));
         let mut return_alone = None;
         let mut rollback = Vec::new();
         match self.canary.filter(|_| i == 0) {

@@ -209,6 +209,22 @@ pub fn switch_back(app: &AppConfig) -> String {
     .into_string()
 }
 
+/// A host-side hook (`[hooks]`): the operator's command, run in `app.dir` with the release
+/// the batch goes to and the host's inventory name in the environment.
+pub fn hook(app: &AppConfig, release: &str, host: &str, command: &str) -> String {
+    sh![
+        "cd ",
+        q(&app.dir),
+        " || exit 1; ROLLER_RELEASE=",
+        q(release),
+        "; ROLLER_HOST=",
+        q(host),
+        "; export ROLLER_RELEASE ROLLER_HOST; ",
+        Configured(command),
+    ]
+    .into_string()
+}
+
 /// What a rollback may go back to on a host: `previous=<what .roller/previous holds>`, then
 /// `holds=<release>` for each release directory that has its jar. The names are read back as
 /// untrusted text and checked by the release rules before any of them reaches a command.

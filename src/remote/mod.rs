@@ -18,7 +18,7 @@ pub mod state;
 pub mod sudo;
 
 pub use app::{
-    artifact_present, inspect, keep_old, log_since, log_size, mark_live, preflight, prune,
+    artifact_present, hook, inspect, keep_old, log_since, log_size, mark_live, preflight, prune,
     prune_slots, read_decision, release_dir, releases_held, switch, switch_back, switch_link,
     upload,
 };
