@@ -38,6 +38,27 @@ fn fleet_of_deploy_users_in(test: &str, hosts: usize, login: Login, mode: Mode) 
     Some(fleet)
 }
 
+/// Runs `command` on the load balancer over SSH as its login, the deploy user; its stdout.
+fn ssh_to_lb(fleet: &Fleet, command: &str) -> String {
+    let out = Command::new("ssh")
+        .arg("-i")
+        .arg(fleet.identity_path())
+        .arg("-o")
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            fleet.known_hosts_path().display()
+        ))
+        .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
+        .arg("-p")
+        .arg(fleet.spec().ssh_port.to_string())
+        .arg(format!("{}@{}", fleet.user(), fleet.lb_address()))
+        .arg(command)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn owner(path: &Path) -> u32 {
     std::fs::symlink_metadata(path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -87,6 +108,30 @@ fn a_rollout_as_a_non_root_deploy_user_goes_through_sudo_under_load() {
             .all(|c| c.starts_with("sudo -n /bin/sh -c ")),
         "{plan}"
     );
+
+    // The deploy user itself can neither write nginx's files nor signal its master.
+    let upstream_file = fleet.upstream_file();
+    let by_hand = ssh_to_lb(
+        &fleet,
+        &format!(
+            "id -u; echo >> {f} || echo cannot write; kill -HUP $(cat {pid}) || echo cannot signal",
+            f = upstream_file.display(),
+            pid = upstream_file
+                .parent()
+                .unwrap()
+                .parent()
+                .unwrap()
+                .join("nginx.pid")
+                .display(),
+        ),
+    );
+    assert!(
+        !by_hand.starts_with("0\n"),
+        "the deploy user is root: {by_hand}"
+    );
+    assert!(by_hand.contains("cannot write\n"), "{by_hand}");
+    assert!(by_hand.ends_with("cannot signal\n"), "{by_hand}");
+    assert_eq!(fleet.upstream_text(), upstream);
 
     // `roller check` asks sudo and runs pre-flight through it, as a rollout will.
     let check = roller(&["check", "--inventory", inventory.to_str().unwrap()]);
