@@ -4,7 +4,7 @@
 //! pass can report every problem at once, each with its key path, instead of stopping at the
 //! first one.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -559,14 +559,6 @@ pub(super) fn default_state_dir(upstream_file: &str) -> String {
         Some(("", _)) => "/.roller".to_string(),
         Some((dir, _)) => format!("{dir}/.roller"),
         None => ".roller".to_string(),
-    }
-}
-
-/// `~/x` is how people write key paths; the shell is not there to expand it for us.
-pub(super) fn expand_home(path: &str) -> PathBuf {
-    match (path.strip_prefix("~/"), std::env::var_os("HOME")) {
-        (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
-        _ => PathBuf::from(path),
     }
 }
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde::Serialize;
 use toml::{Table, Value};
 
+use super::Inventory;
 use super::reader::{Reader, join};
-use super::{Inventory, expand_home};
 use crate::transport::ssh::{Hop, expand_proxy_command, parse_proxy_jump};
 use crate::transport::{Endpoint, ssh::DEFAULT_MAX_CONCURRENT_CONNECTS};
 
@@ -101,6 +101,14 @@ impl SshConfig {
                 "ssh.identity_passphrase_env: the environment variable {var} is not set"
             )),
         }
+    }
+}
+
+/// `~/x` is how people write key paths; the shell is not there to expand it for us.
+fn expand_home(path: &str) -> PathBuf {
+    match (path.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => PathBuf::from(path),
     }
 }
 
