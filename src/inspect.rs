@@ -1,5 +1,5 @@
 //! The flags and output of the commands that look at the fleet without changing it (`check`,
-//! `status`), apart from the rest of the command line to keep each file readable.
+//! `status`, `history`), apart from the rest of the command line to keep each file readable.
 
 use std::path::PathBuf;
 
@@ -7,8 +7,10 @@ use clap::Args;
 
 use roller::commands;
 use roller::commands::check::CheckRequest;
+use roller::commands::history::HistoryRequest;
 use roller::commands::status::StatusRequest;
 use roller::error::Error;
+use roller::inventory::Inventory;
 
 use super::{Common, Output, Select, exit, json_event, load_inventory, quiet};
 
@@ -30,6 +32,41 @@ pub struct CheckArgs {
     /// pre-flight's margin of 10 MiB].
     #[arg(long, short = 'a')]
     artifact: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct HistoryArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    select: Select,
+    /// Show the newest N rollouts.
+    #[arg(short = 'n', long = "limit", value_name = "N", default_value_t = 20)]
+    limit: usize,
+}
+
+pub async fn history(args: &HistoryArgs) -> Result<u8, Error> {
+    let selection = args.select.to_lib();
+    // Only a selection needs the hosts; the history itself is on the lock host alone.
+    let inventory = if selection.is_all() {
+        Inventory::load(&args.common.inventory)?
+    } else {
+        load_inventory(&args.common).await?
+    };
+    let history = commands::history::history(HistoryRequest {
+        inventory,
+        limit: args.limit,
+        selection,
+    })
+    .await?;
+    match args.common.output {
+        Output::Json => println!(
+            "{}",
+            json_event("history", serde_json::json!({ "history": history }))
+        ),
+        Output::Text => print!("{}", history.render_text()),
+    }
+    Ok(exit::OK)
 }
 
 pub async fn check(args: &CheckArgs) -> Result<u8, Error> {

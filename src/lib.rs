@@ -15,6 +15,7 @@ pub mod discovery;
 pub mod error;
 pub mod executor;
 pub mod health;
+pub mod history;
 pub mod inventory;
 pub mod journal;
 pub mod lock;

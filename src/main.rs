@@ -114,6 +114,12 @@ enum Command {
         after_help = "Examples:\n  roller status -i roller.toml\n  roller status -i roller.toml --tag az-a --output json"
     )]
     Status(inspect::SelectArgs),
+    /// Past rollouts, newest first: who, when, release, strategy, result, each host's outcome;
+    /// kept on the lock host, read-only.
+    #[command(
+        after_help = "Examples:\n  roller history -i roller.toml -n 5\n  roller history -i roller.toml --hosts web-1 --output json"
+    )]
+    History(inspect::HistoryArgs),
     /// Print a shell completion script.
     #[command(
         after_help = "Examples:\n  roller completions bash > /etc/bash_completion.d/roller\n  roller completions zsh > \"${fpath[1]}/_roller\"\n  roller completions fish > ~/.config/fish/completions/roller.fish"
@@ -314,6 +320,7 @@ fn main() -> ExitCode {
         Command::Promote(a) | Command::Abort(a) => a.common.output,
         Command::Check(a) => a.common.output,
         Command::Status(a) => a.common.output,
+        Command::History(a) => a.common.output,
         Command::Completions { .. } => unreachable!("handled above"),
     };
     let runtime = match tokio::runtime::Runtime::new() {
@@ -335,6 +342,7 @@ fn main() -> ExitCode {
         Command::Abort(args) => runtime.block_on(lock_host::decide(args, Decision::Abort)),
         Command::Check(args) => runtime.block_on(inspect::check(args)),
         Command::Status(args) => runtime.block_on(inspect::status(args)),
+        Command::History(args) => runtime.block_on(inspect::history(args)),
         Command::Completions { .. } => unreachable!("handled above"),
     };
     match result {

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use e2e::*;
-use roller_fleet::{Fleet, FleetSpec, JarSpec};
+use roller_fleet::{Behaviour, Fleet, FleetSpec, JarSpec};
 use serde_json::Value;
 
 fn names(list: &[&str]) -> BTreeSet<String> {
@@ -121,6 +121,101 @@ fn a_selection_rolls_out_only_the_selected_hosts() {
         .collect();
     assert_eq!(shown, ["web-2"]);
     assert_eq!(fleet_files(&fleet), before, "status changed something");
+
+    // A failed rollout next; both are in the history, newest first.
+    let bad = fleet
+        .jar(&JarSpec::healthy("v3").with_behaviour(Behaviour::NeverHealthy))
+        .unwrap();
+    let short = inventory_with(&fleet, &[("health", "timeout", "4s".into())]);
+    let failed = roller(&rollout_args(&short, &bad, "v3", "1", &[]));
+    assert_eq!(failed.code, Some(4), "{}", failed.stderr);
+    let history = roller(&["history", "--inventory", inventory.to_str().unwrap()]);
+    assert_eq!(history.code, Some(0), "{}", history.stderr);
+    let doc = &history.lines[0]["history"];
+    let rollouts = doc["rollouts"].as_array().unwrap();
+    let summary: Vec<(&str, &str, &str)> = rollouts
+        .iter()
+        .map(|r| {
+            (
+                r["release"].as_str().unwrap(),
+                r["result"].as_str().unwrap(),
+                r["command"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("v3", "rolled-back", "rollout"),
+            ("v2", "succeeded", "rollout")
+        ]
+    );
+    let who = rollouts[0]["who"].as_str().unwrap();
+    assert!(who.contains('@'), "{who}");
+    assert!(rollouts[0]["started"].as_u64() <= rollouts[0]["ended"].as_u64());
+    assert!(rollouts[1]["ended"].as_u64() <= rollouts[0]["started"].as_u64());
+    insta::assert_json_snapshot!(
+        "history_two_rollouts",
+        redacted(history.lines[0].clone(), &fleet)
+    );
+
+    // --hosts narrows it to those hosts' outcomes; -n to the newest.
+    let one = roller(&[
+        "history",
+        "--inventory",
+        inventory.to_str().unwrap(),
+        "-n",
+        "1",
+        "--hosts",
+        "web-2",
+    ]);
+    let rollouts = one.lines[0]["history"]["rollouts"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(rollouts.len(), 1);
+    assert_eq!(
+        rollouts[0]["hosts"],
+        serde_json::json!([{ "name": "web-2", "outcome": "untouched", "release": "v1" }])
+    );
+
+    // A line someone else wrote is left out and named, never shown as a rollout.
+    let file = fleet
+        .upstream_file()
+        .parent()
+        .unwrap()
+        .join(".roller/shop.history.jsonl");
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(text.lines().count(), 2, "{text}");
+    let forged = text
+        .lines()
+        .next()
+        .unwrap()
+        .replace("\"release\":\"v2\"", "\"release\":\"$(reboot)\"");
+    text.push_str(&forged);
+    text.push_str("\nnot json at all\n");
+    std::fs::write(&file, text).unwrap();
+    let history = roller(&["history", "--inventory", inventory.to_str().unwrap()]);
+    assert_eq!(history.code, Some(0), "{}", history.stderr);
+    let doc = &history.lines[0]["history"];
+    assert_eq!(doc["rollouts"].as_array().unwrap().len(), 2);
+    let rejected: Vec<u64> = doc["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(rejected, [3, 4]);
+    let (code, text, _) = text_output(&["history", "--inventory", inventory.to_str().unwrap()]);
+    assert_eq!(code, Some(0));
+    assert!(
+        text.contains("line 3 left out: release \"$(reboot)\" breaks the release rules"),
+        "{text}"
+    );
+    assert!(
+        text.contains(" rollout v3  rolling, batch 1 (3 batches)  rolled-back in "),
+        "{text}"
+    );
 }
 
 /// Every file, directory and link under the hosts' app directories and the load balancer's
@@ -174,6 +269,7 @@ fn redacted(mut value: Value, fleet: &Fleet) -> Value {
                 for (key, v) in map.iter_mut() {
                     match key.as_str() {
                         "id" | "token" => *v = Value::String("[id]".into()),
+                        "file" => *v = Value::String("[lock host]:[path]".into()),
                         "started" | "ended" | "updated" | "lease_until" | "duration_ms" | "pid" => {
                             *v = Value::String(format!("[{key}]"))
                         }

@@ -18,6 +18,7 @@ use crate::executor::{
     StateStore,
 };
 use crate::health::HttpOverSsh;
+use crate::history;
 use crate::inventory::{Inventory, Strategy};
 use crate::journal::{self, Journal, RolloutState, RunKind, Status, Tee};
 use crate::lock;
@@ -25,6 +26,7 @@ use crate::plan::{Artifact, BatchSize, Plan, PlanInput};
 use crate::reconcile::{self, Asked, SlotRecovery};
 use crate::report::{Outcome, Reporter};
 use crate::session::{self, Hold};
+use crate::transport::Transport;
 
 /// What a run is asked to do to the fleet, checked by the command that built it.
 pub struct Deploy {
@@ -61,6 +63,38 @@ pub enum Kind {
         to: Option<String>,
     },
 }
+
+impl Kind {
+    /// The command that runs this kind, as the history records it.
+    fn command(&self) -> &'static str {
+        match self {
+            Kind::Rollout => "rollout",
+            Kind::Resume(_) => "resume",
+            Kind::Recover(_) => "recover",
+            Kind::SwitchBack => "switch-back",
+            Kind::Rollback { .. } => "rollback",
+        }
+    }
+}
+
+/// Appends the run's record to the history on the lock host, still under the lock (the
+/// session is fenced). A history that cannot be written only warns: the run itself is over.
+async fn append_history(lock_host: &dyn Transport, inv: &Inventory, record: &history::Record) {
+    let file = history::file(&inv.balancer.state_dir, &inv.app.name);
+    let command =
+        crate::remote::state::append_bounded(&inv.balancer.state_dir, &file, history::KEEP);
+    let line = bytes::Bytes::from(record.to_line());
+    match lock_host.exec(&command, Some(line), HISTORY_DEADLINE).await {
+        Ok(out) if out.success() => {}
+        Ok(out) => eprintln!(
+            "warning: could not record the rollout in {file}: {}",
+            out.stderr_text()
+        ),
+        Err(e) => eprintln!("warning: could not record the rollout in {file}: {e}"),
+    }
+}
+
+const HISTORY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Deploy {
     /// `release` is what this run goes to, once known (a rollback learns it from the hosts).
@@ -295,6 +329,7 @@ async fn locked(
         },
         selected: d.selected.iter().flatten().cloned().collect(),
     };
+    let started = state.started;
     let store = JournalAndLockHost {
         session: sessions[&inv.balancer.lock_host].clone(),
         state_dir: inv.balancer.state_dir.clone(),
@@ -328,6 +363,29 @@ async fn locked(
         state.status = Status::Recovered;
         store.save(&state).await;
     }
+    let record = history::Record {
+        id: rollout_id.to_string(),
+        command: d.kind.command().into(),
+        who: held.me.owner.clone(),
+        started,
+        ended: journal::now_secs().max(started),
+        release: report.release.clone(),
+        strategy: inv.strategy,
+        batch: journal::batch_flag(d.batch),
+        batches: plan.batches.len(),
+        result: report.outcome,
+        duration_ms: report.elapsed_ms,
+        hosts: report
+            .hosts
+            .iter()
+            .map(|h| history::HostRecord {
+                name: h.name.clone(),
+                outcome: h.outcome,
+                release: h.release.clone(),
+            })
+            .collect(),
+    };
+    append_history(sessions[&inv.balancer.lock_host].as_ref(), inv, &record).await;
     reporter.finish(&report);
     Ok(Finished {
         report,

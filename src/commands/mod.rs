@@ -20,6 +20,7 @@ use crate::transport::Transport;
 pub mod canary_decision;
 pub mod check;
 pub mod deploy;
+pub mod history;
 pub mod lock_view;
 pub mod plan;
 pub mod resume;
