@@ -1,7 +1,7 @@
 //! The `roller` command line: parses flags, wires the library together, and is the only place
 //! where outcomes become exit codes.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -24,7 +24,7 @@ use roller::discovery;
 use roller::error::Error;
 use roller::executor::FailurePolicy;
 use roller::inventory::{Inventory, Strategy};
-use roller::plan::BatchSize;
+use roller::plan::{BatchSize, Summary};
 use roller::report::{
     JsonReporter, Outcome, PlainReporter, ProgressReporter, QuietReporter, Reporter, json_event,
 };
@@ -69,7 +69,7 @@ fn quiet() -> bool {
 enum Command {
     /// Print what a rollout (or, with --rollback-to, a rollback) would do, offline: no network, no SSH.
     #[command(
-        after_help = "Examples:\n  roller plan -i roller.toml -a shop-2.4.0.jar --batch 25%\n  roller plan -i roller.toml --release v2 --output json > plan.json"
+        after_help = "Examples:\n  roller plan -i roller.toml -a shop-2.4.0.jar --batch 25%\n  roller plan -i roller.toml --release v2 --commands\n  roller plan -i roller.toml --release v2 --output json > plan.json"
     )]
     Plan(PlanCommandArgs),
     /// Perform a rollout.
@@ -179,6 +179,15 @@ struct PlanArgs {
     /// rolling, blue-green or canary [default: the inventory's `strategy`, else rolling].
     #[arg(long)]
     strategy: Option<Strategy>,
+    /// What to do when a batch fails.
+    #[arg(long, value_enum, default_value_t = Policy::RollbackBatch)]
+    on_failure: Policy,
+    /// Hosts that may fail, each rolled back alone, before a batch fails as a whole.
+    #[arg(long, default_value_t = 0)]
+    max_failed_hosts: usize,
+    /// Canary: after the last hold, wait for `roller promote` or `roller abort`.
+    #[arg(long)]
+    pause: bool,
 }
 
 #[derive(Args)]
@@ -188,6 +197,10 @@ struct PlanCommandArgs {
     /// Plan `roller rollback --to RELEASE` instead: no stage, `current` back to RELEASE.
     #[arg(long, value_name = "RELEASE", conflicts_with_all = ["artifact", "release"])]
     rollback_to: Option<String>,
+    /// Also print every remote command exactly as it will run, and the upstream file each
+    /// load balancer gets at each pool change (text output).
+    #[arg(long, short = 'v')]
+    commands: bool,
 }
 
 #[derive(Args)]
@@ -206,15 +219,6 @@ struct RolloutArgs {
     plan: PlanArgs,
     #[command(flatten)]
     control: Control,
-    /// What to do when a batch fails.
-    #[arg(long, value_enum, default_value_t = Policy::RollbackBatch)]
-    on_failure: Policy,
-    /// Hosts that may fail, each rolled back alone, before a batch fails as a whole.
-    #[arg(long, default_value_t = 0)]
-    max_failed_hosts: usize,
-    /// Canary: after the last hold, wait for `roller promote` or `roller abort`.
-    #[arg(long)]
-    pause: bool,
 }
 
 #[derive(Args)]
@@ -466,7 +470,7 @@ fn shown_hosts(hosts: &[roller::inventory::Host]) -> String {
 
 async fn plan_command(command: &PlanCommandArgs) -> Result<u8, Error> {
     let args = &command.plan;
-    let plan = commands::plan::plan(PlanRequest {
+    let planned = commands::plan::plan(PlanRequest {
         inventory: load_inventory(&args.common).await?,
         artifact: args.artifact.clone(),
         release: args.release.clone(),
@@ -474,15 +478,34 @@ async fn plan_command(command: &PlanCommandArgs) -> Result<u8, Error> {
         strategy: args.strategy,
         selection: args.select.to_lib(),
         rollback_to: command.rollback_to.clone(),
+        pause: args.pause,
     })?;
-    match args.common.output {
-        Output::Text => print!("{}", plan.render_text()),
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&plan).expect("a plan always serializes")
-        ),
+    // Written as it is made: a large plan's commands run to many times the plan's own size.
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = match args.common.output {
+        Output::Text => Summary {
+            plan: &planned.plan,
+            on_failure: args.on_failure.into(),
+            max_failed_hosts: args.max_failed_hosts,
+        }
+        .write(&mut out)
+        .and_then(|()| match command.commands {
+            true => planned.plan.write_commands(&planned.balancer, &mut out),
+            false => Ok(()),
+        }),
+        Output::Json => serde_json::to_writer_pretty(&mut out, &planned.plan)
+            .map_err(std::io::Error::from)
+            .and_then(|()| writeln!(out)),
+    };
+    match written.and_then(|()| out.flush()) {
+        Ok(()) => Ok(exit::OK),
+        // A reader that stopped early (`roller plan | head`) is not an error worth a message.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(exit::OK),
+        Err(e) => {
+            eprintln!("error: cannot write the plan: {e}");
+            Ok(exit::INTERNAL)
+        }
     }
-    Ok(exit::OK)
 }
 
 async fn rollout_command(args: &RolloutArgs) -> Result<u8, Error> {
@@ -494,9 +517,9 @@ async fn rollout_command(args: &RolloutArgs) -> Result<u8, Error> {
         release: args.plan.release.clone(),
         batch: args.plan.batch,
         strategy: args.plan.strategy,
-        on_failure: args.on_failure.into(),
-        max_failed_hosts: args.max_failed_hosts,
-        pause: args.pause,
+        on_failure: args.plan.on_failure.into(),
+        max_failed_hosts: args.plan.max_failed_hosts,
+        pause: args.plan.pause,
         control: args.control.to_lib(),
         selection: args.plan.select.to_lib(),
     };

@@ -26,8 +26,26 @@ fn jar(dir: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// The example inventory's settings with `hosts` hosts named web-1, web-2, ...
+fn fleet_of(dir: &Path, hosts: usize) -> String {
+    let example = std::fs::read_to_string(example()).unwrap();
+    let head = example.split("[[hosts]]").next().unwrap();
+    let mut inventory = head.to_string();
+    for i in 0..hosts {
+        inventory.push_str(&format!(
+            "[[hosts]]\nname = \"web-{}\"\naddress = \"10.{}.{}.10\"\n\n",
+            i + 1,
+            i / 250,
+            i % 250
+        ));
+    }
+    let path = dir.join(format!("fleet-{hosts}.toml"));
+    std::fs::write(&path, inventory).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
 #[test]
-fn plan_prints_every_command_and_upstream_file_offline() {
+fn plan_summarises_a_rolling_rollout_batch_by_batch() {
     let out = roller(&[
         "plan",
         "--inventory",
@@ -39,6 +57,137 @@ fn plan_prints_every_command_and_upstream_file_offline() {
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     insta::assert_snapshot!(text(&out.stdout));
+}
+
+#[test]
+fn plan_summarises_ten_batches_in_one_screen_and_a_thousand_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let ten = roller(&[
+        "plan",
+        "-i",
+        &fleet_of(dir.path(), 10),
+        "--release",
+        "v2",
+        "--on-failure",
+        "rollback-all",
+        "--max-failed-hosts",
+        "1",
+    ]);
+    assert!(ten.status.success(), "{}", text(&ten.stderr));
+    let summary = text(&ten.stdout);
+    assert!(summary.lines().count() <= 40, "{summary}");
+    for batch in 1..=10 {
+        assert!(
+            summary.contains(&format!("{batch}: web-{batch}\n"))
+                || summary.contains(&format!("Batch {batch}: web-{batch} ")),
+            "batch {batch} is not listed with its host:\n{summary}"
+        );
+    }
+    insta::assert_snapshot!(summary);
+    // A thousand batches that happen alike read as three groups, whatever their number.
+    let thousand = roller(&["plan", "-i", &fleet_of(dir.path(), 1000), "--release", "v2"]);
+    assert!(thousand.status.success(), "{}", text(&thousand.stderr));
+    let summary = text(&thousand.stdout);
+    assert!(summary.lines().count() <= 30, "{summary}");
+    assert!(
+        summary.contains("Batches 2 to 999, 998 of 1 host each"),
+        "{summary}"
+    );
+    assert!(summary.contains("... 993 more batches ..."), "{summary}");
+}
+
+#[test]
+fn plan_summarises_a_canary_and_a_paused_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = roller(&[
+        "plan",
+        "-i",
+        &fleet_of(dir.path(), 6),
+        "--release",
+        "v2",
+        "--strategy",
+        "canary",
+        "--batch",
+        "2",
+        "--pause",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    insta::assert_snapshot!(text(&out.stdout));
+}
+
+#[test]
+fn plan_commands_print_every_command_and_upstream_file_offline() {
+    let out = roller(&[
+        "plan",
+        "--inventory",
+        &example(),
+        "--release",
+        "2024-06-01.1",
+        "--batch",
+        "1",
+        "--commands",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listing = text(&out.stdout);
+    // -v is the same listing.
+    let short = roller(&[
+        "plan",
+        "--inventory",
+        &example(),
+        "--release",
+        "2024-06-01.1",
+        "-v",
+    ]);
+    assert_eq!(text(&short.stdout), listing);
+    insta::assert_snapshot!(listing);
+}
+
+#[test]
+fn plan_json_pins_its_schema() {
+    let out = roller(&[
+        "plan",
+        "--inventory",
+        &example(),
+        "--release",
+        "2024-06-01.1",
+        "--batch",
+        "1",
+        "--output",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["schema_version"], 1);
+    insta::assert_snapshot!(text(&out.stdout));
+}
+
+/// The plan holds each pool change as data (hosts down, port, weights), not the upstream file
+/// it renders to, and names the hosts that stay in the pool by those that leave: so it grows
+/// with hosts plus batches, where it grew with their product.
+#[test]
+fn plan_output_grows_linearly_with_the_fleet_at_batch_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = |hosts: usize, extra: &[&str]| {
+        let inventory = fleet_of(dir.path(), hosts);
+        let mut args = vec!["plan", "-i", &inventory, "--release", "v2", "--batch", "1"];
+        args.extend(extra);
+        let out = roller(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        out.stdout.len()
+    };
+    let (small, large) = (
+        size(200, &["--output", "json"]),
+        size(400, &["--output", "json"]),
+    );
+    assert!(
+        large * 100 <= small * 205,
+        "the JSON plan grew from {small} to {large} bytes when the fleet doubled"
+    );
+    let (small, large) = (size(200, &[]), size(400, &[]));
+    assert!(
+        large < small + 100,
+        "the summary grew from {small} to {large} bytes: only its counts may"
+    );
 }
 
 #[test]
@@ -215,13 +364,8 @@ fn the_single_instance_blue_green_example_plans_a_slot_switch() {
     // Offline, blue is assumed live: green gets the release, then all traffic, in one file.
     let start = &batch["phases"][1]["steps"][0]["action"]["command"];
     assert_eq!(start, "sudo systemctl restart shop@green");
-    let upstream = batch["phases"][3]["steps"][0]["action"]["content"]
-        .as_str()
-        .unwrap();
-    assert!(
-        upstream.contains("server 10.0.1.11:8082;  # app"),
-        "{upstream}"
-    );
+    let pool = &batch["phases"][3]["steps"][0]["action"]["pool"];
+    assert_eq!(pool["port"], 8082, "{pool}");
     assert_eq!(batch["phases"][3]["steps"].as_array().unwrap().len(), 1);
     let rollback: Vec<&str> = batch["rollback"]
         .as_array()
@@ -232,6 +376,13 @@ fn the_single_instance_blue_green_example_plans_a_slot_switch() {
     assert_eq!(rollback, ["switch-traffic", "stop-slot"]);
     let text_plan = roller(&["plan", "-i", inventory, "--release", "v2"]);
     insta::assert_snapshot!(text(&text_plan.stdout));
+    // The file that switch renders to, as --commands shows it.
+    let listing = roller(&["plan", "-i", inventory, "--release", "v2", "--commands"]);
+    assert!(
+        text(&listing.stdout).contains("|     server 10.0.1.11:8082;  # app"),
+        "{}",
+        text(&listing.stdout)
+    );
 }
 
 #[test]

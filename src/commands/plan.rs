@@ -23,9 +23,17 @@ pub struct PlanRequest {
     pub selection: Selection,
     /// `--rollback-to`: the plan of `roller rollback --to` this release: no jar, no stage.
     pub rollback_to: Option<String>,
+    /// Canary: wait for `roller promote` or `roller abort` after the last hold.
+    pub pause: bool,
 }
 
-pub fn plan(request: PlanRequest) -> Result<Plan> {
+/// A plan with the load-balancer driver that renders its pool changes.
+pub struct Planned {
+    pub plan: Plan,
+    pub balancer: Nginx,
+}
+
+pub fn plan(request: PlanRequest) -> Result<Planned> {
     let mut inventory = request.inventory;
     inventory.strategy = request.strategy.unwrap_or(inventory.strategy);
     let selected = request.selection.resolve(&inventory)?;
@@ -57,7 +65,7 @@ pub fn plan(request: PlanRequest) -> Result<Plan> {
         Some(_) => RunKind::Rollback,
         None => RunKind::Rollout,
     };
-    Plan::build(PlanInput {
+    let plan = Plan::build(PlanInput {
         inventory: &inventory,
         balancer: &balancer,
         release,
@@ -69,10 +77,13 @@ pub fn plan(request: PlanRequest) -> Result<Plan> {
         selected: selected.as_ref(),
         strategy: inventory.strategy,
         live_slot: None,
-        pause: false,
+        pause: request.pause,
         adopt: false,
+    })?;
+    Ok(Planned {
+        plan: Plan { kind, ..plan },
+        balancer,
     })
-    .map(|plan| Plan { kind, ..plan })
 }
 
 /// The release asked for, else the jar's default name; one of the two must be given.

@@ -11,9 +11,9 @@ use tokio::time::Instant;
 
 use super::{
     COMMAND_DEADLINE, DECISION_POLL, DRAIN_POLL, Executor, PROBE_DEADLINE, STAGE_PARALLELISM,
-    UPLOAD_FLOOR, release_name,
+    release_name,
 };
-use crate::balancer::{APPLY_REJECTED, APPLY_UNCONFIRMED};
+use crate::balancer::{APPLY_REJECTED, APPLY_UNCONFIRMED, Pool};
 use crate::canary;
 use crate::health::HealthSpec;
 use crate::plan::{Action, Phase, Step, is_release};
@@ -118,7 +118,7 @@ impl Executor<'_> {
 
     async fn run_step(&self, step: &Step) -> StepResult {
         if let Action::CapacityCheck {
-            staying,
+            leaving,
             returning,
             min_healthy,
             path,
@@ -128,7 +128,7 @@ impl Executor<'_> {
         {
             return self
                 .capacity_check(
-                    staying,
+                    leaving,
                     returning,
                     *min_healthy,
                     path,
@@ -164,14 +164,7 @@ impl Executor<'_> {
                 self.switch_back(&step.target, session, command).await
             }
             Action::Upload { check, upload } => self.upload(session, check, upload).await,
-            Action::SetPool {
-                pool,
-                content,
-                command,
-            } => {
-                self.set_pool(&step.target, session, &pool.down, content, command)
-                    .await
-            }
+            Action::SetPool { pool } => self.set_pool(&step.target, session, pool).await,
             Action::Drain {
                 command,
                 quiet,
@@ -218,7 +211,7 @@ impl Executor<'_> {
         if present.trim() == "present" {
             return Ok(StepDone::Skipped("already holds the jar".into()));
         }
-        let deadline = UPLOAD_FLOOR + Duration::from_secs(artifact.bytes / 5_000_000);
+        let deadline = super::upload_deadline(artifact.bytes);
         run(session, upload, Some(artifact.content.clone()), deadline).await?;
         Ok(StepDone::Done)
     }
@@ -353,22 +346,21 @@ impl Executor<'_> {
         }
     }
 
-    /// Installs a pool on one load balancer. A refused file changed nothing; any other failure
-    /// leaves that load balancer's pool unknown, for the report to say.
-    async fn set_pool(
-        &self,
-        target: &str,
-        session: &dyn Transport,
-        down: &BTreeSet<String>,
-        content: &str,
-        command: &str,
-    ) -> StepResult {
+    /// Installs a pool on one load balancer, its file rendered now rather than kept in the
+    /// plan for every step. A refused file changed nothing; any other failure leaves that load
+    /// balancer's pool unknown, for the report to say.
+    async fn set_pool(&self, target: &str, session: &dyn Transport, pool: &Pool) -> StepResult {
+        let content = self.balancer.render(pool);
         let result = session
-            .exec(command, Some(content.to_string().into()), COMMAND_DEADLINE)
+            .exec(
+                &self.plan.set_pool_command,
+                Some(content.into()),
+                COMMAND_DEADLINE,
+            )
             .await;
         match result {
             Ok(out) if out.success() => {
-                self.ledger.pool_applied(target, down);
+                self.ledger.pool_applied(target, &pool.down);
                 Ok(StepDone::Done)
             }
             Ok(out) if out.status == Some(APPLY_REJECTED) => Err(StepError::Rejected(format!(
@@ -390,19 +382,24 @@ impl Executor<'_> {
         }
     }
 
-    /// Refuses to take a batch out unless enough of the hosts staying in the pool answer
-    /// their health check right now.
+    /// Refuses to take a batch out unless enough of the hosts staying in the pool (every host
+    /// of the plan but those `leaving`) answer their health check right now.
     async fn capacity_check(
         &self,
-        staying: &[String],
+        leaving: &[String],
         returning: &[String],
         min_healthy: usize,
         path: &str,
         port: u16,
         expect_status: u16,
     ) -> std::result::Result<StepDone, String> {
-        let probes = join_all(staying.iter().map(|name| async move {
-            let address = &self.plan.hosts.iter().find(|h| &h.name == name)?.address;
+        let staying = self
+            .plan
+            .hosts
+            .iter()
+            .filter(|h| !leaving.contains(&h.name));
+        let probes = join_all(staying.map(|host| async move {
+            let (name, address) = (&host.name, &host.address);
             let session = self.sessions.get(name)?;
             let spec = HealthSpec {
                 address: address.clone(),

@@ -173,11 +173,11 @@ impl Executor<'_> {
         }
     }
 
-    /// The phase with its pool re-rendered: the batch's held-out hosts plus `failed` down.
+    /// The phase with its pool changed: the batch's held-out hosts plus `failed` down.
     pub(super) fn with_pool(&self, phase: &Phase, batch: &Batch, failed: &[String]) -> Phase {
         let mut phase = phase.clone();
         for step in &mut phase.steps {
-            if let Action::SetPool { pool, content, .. } = &mut step.action {
+            if let Action::SetPool { pool } = &mut step.action {
                 // Hosts of other batches the change takes out (the next batch, at a handover)
                 // stay out; of this batch, only those that could not be restored.
                 pool.down = pool
@@ -188,7 +188,6 @@ impl Executor<'_> {
                     .chain(failed)
                     .cloned()
                     .collect();
-                *content = self.balancer.render(pool);
             }
         }
         phase

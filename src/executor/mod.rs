@@ -52,10 +52,15 @@ pub const COMMAND_DEADLINE: Duration = Duration::from_secs(300);
 /// Uploads are bounded by size: a floor plus a pessimistic 5 MB/s.
 const UPLOAD_FLOOR: Duration = Duration::from_secs(60);
 /// Parallel uploads during staging: enough to fill a link, few enough not to starve it.
-const STAGE_PARALLELISM: usize = 4;
+pub const STAGE_PARALLELISM: usize = 4;
 const DRAIN_POLL: Duration = Duration::from_millis(50);
 /// One health probe during pre-flight and the capacity check: a snapshot, not a wait.
-const PROBE_DEADLINE: Duration = Duration::from_secs(3);
+pub const PROBE_DEADLINE: Duration = Duration::from_secs(3);
+
+/// How long one host's upload of a jar of `bytes` may take.
+pub fn upload_deadline(bytes: u64) -> Duration {
+    UPLOAD_FLOOR + Duration::from_secs(bytes / 5_000_000)
+}
 const DECISION_POLL: Duration = Duration::from_secs(1);
 
 /// What to do when a batch fails.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::{
-    Action, Batch, Phase, PhaseName, Plan, PlanInput, Skipped, app_steps, pool_steps,
+    Action, Batch, HostReason, Phase, PhaseName, Plan, PlanInput, app_steps, pool_steps,
     validate_release,
 };
 use crate::balancer::{Balancer, Pool};
@@ -68,9 +68,9 @@ impl Plan {
                     })
                 })
             });
-        let skipped: Vec<Skipped> = if done_everywhere {
+        let skipped: Vec<HostReason> = if done_everywhere {
             all.iter()
-                .map(|h| Skipped {
+                .map(|h| HostReason {
                     host: h.name.clone(),
                     reason: format!("already serves {release} from its {} slot", live.as_str()),
                     not_selected: false,
@@ -118,10 +118,7 @@ impl Plan {
                             Action::HealthCheck(HealthSpec::wait(&h.address, bg.port(idle), inv))
                         }),
                     ),
-                    phase(
-                        PhaseName::SwitchTraffic,
-                        pool_steps(inv, balancer, traffic_to(idle)),
-                    ),
+                    phase(PhaseName::SwitchTraffic, pool_steps(inv, traffic_to(idle))),
                     phase(
                         PhaseName::KeepOld,
                         per_host(&|_| Action::KeepOld {
@@ -136,7 +133,6 @@ impl Plan {
                         PhaseName::SwitchTraffic,
                         pool_steps(
                             inv,
-                            balancer,
                             if adopt {
                                 Pool {
                                     port: Some(app.port),
@@ -218,10 +214,7 @@ impl Plan {
                             })
                         }),
                     ),
-                    phase(
-                        PhaseName::SwitchTraffic,
-                        pool_steps(inv, balancer, traffic_to(back)),
-                    ),
+                    phase(PhaseName::SwitchTraffic, pool_steps(inv, traffic_to(back))),
                     // The slot traffic left is an old slot now, stopped after keep_old like
                     // any other.
                     phase(
@@ -238,7 +231,7 @@ impl Plan {
                 ],
                 rollback: vec![phase(
                     PhaseName::SwitchTraffic,
-                    pool_steps(inv, balancer, traffic_to(live)),
+                    pool_steps(inv, traffic_to(live)),
                 )],
                 undo: Vec::new(),
                 taken_out: false,

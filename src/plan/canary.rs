@@ -31,7 +31,7 @@ pub(super) fn ladder(
         };
         phases.push(Phase {
             name,
-            steps: pool_steps(inv, balancer, pool),
+            steps: pool_steps(inv, pool),
         });
         phases.push(Phase {
             name: PhaseName::Observe,

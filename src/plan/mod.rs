@@ -12,8 +12,10 @@ mod canary;
 mod render;
 mod rolling;
 mod sudo;
+mod summary;
 #[cfg(test)]
 mod tests;
+mod worst_case;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -23,6 +25,8 @@ use serde::Serialize;
 pub use artifact::{Artifact, is_release, validate_release};
 pub use rolling::BatchSize;
 pub use sudo::Sudo;
+pub use summary::Summary;
+pub use worst_case::WorstCase;
 
 use crate::balancer::{Balancer, Pool};
 use crate::error::Result;
@@ -33,6 +37,9 @@ use crate::remote;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
+    /// [`crate::report::SCHEMA_VERSION`], the version of every JSON document roller prints,
+    /// first so that a reader can refuse a shape it does not know.
+    pub schema_version: u32,
     pub app: String,
     pub release: String,
     /// A rollout ships `release`; a rollback returns to it, already on every host, with no
@@ -54,10 +61,17 @@ pub struct Plan {
     /// The sides whose commands run as root through sudo.
     #[serde(skip_serializing_if = "Sudo::is_off")]
     pub sudo: Sudo,
+    /// What every pool change runs on each load balancer, with the upstream file rendered from
+    /// the step's pool on stdin. Held once: the file is rendered when the change is applied, so
+    /// the plan grows with hosts plus batches, not with their product.
+    pub set_pool_command: String,
     /// Run on every host and load balancer before anything changes.
     pub preflight: Phase,
     /// Hosts left out of every batch, and why (already on the release and healthy).
-    pub skipped: Vec<Skipped>,
+    pub skipped: Vec<HostReason>,
+    /// Hosts put in the first batches ahead of the inventory's order, and why (left partway by
+    /// an unfinished rollout, unhealthy at pre-flight).
+    pub first: Vec<HostReason>,
     /// The release each host in a batch is switched to.
     pub targets: BTreeMap<String, String>,
     /// Uploads to every host in parallel, before the first batch leaves the pool.
@@ -67,8 +81,9 @@ pub struct Plan {
     pub finish: Phase,
 }
 
+/// A host singled out by the plan, and why.
 #[derive(Debug, Clone, Serialize)]
-pub struct Skipped {
+pub struct HostReason {
     pub host: String,
     pub reason: String,
     /// Left out by `--hosts` / `--tag`: it keeps the release it has, whatever that is.
@@ -225,12 +240,9 @@ pub enum Action {
     /// `check` prints `present` when the host already holds the jar; otherwise the jar is
     /// streamed to `upload` on stdin.
     Upload { check: String, upload: String },
-    /// `content` goes to `command` on stdin; `pool` is what it encodes.
-    SetPool {
-        pool: Pool,
-        content: String,
-        command: String,
-    },
+    /// Installs `pool`: the load balancer's configuration rendered from it goes to the plan's
+    /// `set_pool_command` on stdin.
+    SetPool { pool: Pool },
     /// Polls `command` until it has printed 0 (connections open to the batch) for `quiet`
     /// without a break, for at most `timeout`.
     Drain {
@@ -260,11 +272,13 @@ pub enum Action {
     },
     /// Polls `file` with `command` until it holds `promote <rollout>` or `abort <rollout>`.
     AwaitDecision { file: String, command: String },
-    /// Probes every host that stays in the pool once; fails when fewer than `min_healthy`
+    /// Probes every host of the plan but `leaving` once; fails when fewer than `min_healthy`
     /// answer healthy.
     CapacityCheck {
-        staying: Vec<String>,
-        /// Hosts among `staying` out of the pool now that count as in it: the same pool change
+        /// What the pool change this check guards takes out: the batch and the hosts held out
+        /// with it. Every other host stays, so the staying hosts are not listed batch by batch.
+        leaving: Vec<String>,
+        /// Hosts that stay, out of the pool now, that count as in it: the same pool change
         /// that takes the batch out returns them.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         returning: Vec<String>,
@@ -336,6 +350,7 @@ impl Plan {
             steps: Vec::new(),
         };
         Plan {
+            schema_version: crate::report::SCHEMA_VERSION,
             app: inv.app.name.clone(),
             release,
             kind: RunKind::Rollout,
@@ -348,8 +363,10 @@ impl Plan {
             upstream_file: inv.balancer.upstream_file.clone(),
             reload: inv.balancer.reload.clone(),
             sudo: Sudo::of(inv),
+            set_pool_command: balancer.apply_command(),
             preflight: Plan::preflight(inv, balancer),
             skipped: Vec::new(),
+            first: Vec::new(),
             targets: BTreeMap::new(),
             stage: empty(PhaseName::Stage),
             batches: Vec::new(),
@@ -411,19 +428,14 @@ pub fn decision_file(inv: &Inventory) -> String {
 }
 
 /// One step per load balancer that installs `pool`.
-pub fn pool_steps(inv: &Inventory, balancer: &dyn Balancer, pool: Pool) -> Vec<Step> {
-    let content = balancer.render(&pool);
+pub fn pool_steps(inv: &Inventory, pool: Pool) -> Vec<Step> {
     inv.balancer
         .hosts
         .iter()
         .map(|lb| Step {
             target: lb.clone(),
             role: Role::Balancer,
-            action: Action::SetPool {
-                pool: pool.clone(),
-                content: content.clone(),
-                command: balancer.apply_command(),
-            },
+            action: Action::SetPool { pool: pool.clone() },
         })
         .collect()
 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::HostAtPreflight;
 use super::{
-    Action, Batch, FLEET, Phase, PhaseName, Plan, PlanInput, Role, Skipped, Step, app_steps,
+    Action, Batch, FLEET, HostReason, Phase, PhaseName, Plan, PlanInput, Role, Step, app_steps,
     canary, pool_steps, validate_release,
 };
 use crate::balancer::{Balancer, Pool};
@@ -148,6 +148,7 @@ impl Plan {
         };
         Ok(Plan {
             skipped: work.skipped,
+            first: work.first,
             targets,
             stage: Phase {
                 name: PhaseName::Stage,
@@ -172,7 +173,9 @@ impl Plan {
 /// are unhealthy now (fixing them first restores capacity), then the rest. Hosts already on
 /// their target and healthy are skipped.
 struct Worklist<'a> {
-    skipped: Vec<Skipped>,
+    skipped: Vec<HostReason>,
+    /// Hosts moved ahead of the others, and why.
+    first: Vec<HostReason>,
     todo: Vec<&'a Host>,
     /// Hosts unhealthy at pre-flight: they stay out of the pool until their own batch.
     unhealthy: BTreeSet<String>,
@@ -191,7 +194,7 @@ impl<'a> Worklist<'a> {
         let mut todo: Vec<&Host> = Vec::new();
         for h in &inv.hosts {
             if selected.is_some_and(|s| !s.contains(&h.name)) {
-                skipped.push(Skipped {
+                skipped.push(HostReason {
                     host: h.name.clone(),
                     reason: "not selected (--hosts, --tag)".into(),
                     not_selected: true,
@@ -204,7 +207,7 @@ impl<'a> Worklist<'a> {
                         && o.release.as_deref() == Some(target_of(h).as_str())
                         && !unfinished.contains(&h.name) =>
                 {
-                    skipped.push(Skipped {
+                    skipped.push(HostReason {
                         host: h.name.clone(),
                         reason: format!("already runs {} and is healthy", target_of(h)),
                         not_selected: false,
@@ -223,6 +226,21 @@ impl<'a> Worklist<'a> {
             }
         };
         todo.sort_by_key(|h| rank(h));
+        let first = todo
+            .iter()
+            .filter_map(|h| {
+                let reason = match rank(h) {
+                    0 => "left partway by an unfinished rollout",
+                    1 => "unhealthy at pre-flight: out of the pool until its batch",
+                    _ => return None,
+                };
+                Some(HostReason {
+                    host: h.name.clone(),
+                    reason: reason.into(),
+                    not_selected: false,
+                })
+            })
+            .collect();
         let unhealthy = todo
             .iter()
             .filter(|h| seen(h).is_some_and(|o| !o.healthy))
@@ -230,6 +248,7 @@ impl<'a> Worklist<'a> {
             .collect();
         Worklist {
             skipped,
+            first,
             todo,
             unhealthy,
         }
@@ -282,19 +301,26 @@ impl<'a> Batches<'a> {
             _ => todo,
         };
         slices.extend(rest.chunks(per_batch));
+        // Where each unhealthy host's own batch starts in `todo`: it is held out of every batch
+        // before that. Looked up once, so that a batch costs its own hosts, not the fleet.
+        let unhealthy_at: Vec<(usize, &String)> = todo
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| work.unhealthy.contains(&h.name))
+            .map(|(i, h)| (i, &h.name))
+            .collect();
         let mut first = 0;
         let groups = slices
             .into_iter()
             .map(|hosts| {
                 first += hosts.len();
-                let later: BTreeSet<&String> = todo[first..].iter().map(|h| &h.name).collect();
                 let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
-                let held_out: Vec<String> = work
-                    .unhealthy
+                let mut held_out: Vec<String> = unhealthy_at
                     .iter()
-                    .filter(|h| later.contains(h))
-                    .cloned()
+                    .filter(|(i, _)| *i >= first)
+                    .map(|(_, h)| (*h).clone())
                     .collect();
+                held_out.sort();
                 let out = names.iter().chain(&held_out).cloned().collect();
                 Group {
                     hosts,
@@ -438,21 +464,13 @@ impl<'a> Batches<'a> {
     /// Every host outside batch `i`'s pool change must leave at least `min_healthy` healthy;
     /// `returning` hosts count as back in the pool.
     fn capacity(&self, i: usize, returning: Vec<String>) -> Phase {
-        let out = &self.groups[i].out;
-        let staying = self
-            .inv
-            .hosts
-            .iter()
-            .map(|h| h.name.clone())
-            .filter(|h| !out.contains(h))
-            .collect();
         Phase {
             name: PhaseName::CapacityCheck,
             steps: vec![Step {
                 target: FLEET.into(),
                 role: Role::Fleet,
                 action: Action::CapacityCheck {
-                    staying,
+                    leaving: self.groups[i].out.clone(),
                     returning,
                     min_healthy: self.min_healthy,
                     path: self.inv.health.path.clone(),
@@ -464,7 +482,7 @@ impl<'a> Batches<'a> {
     }
 
     pub(super) fn set_pool(&self, down: &[String]) -> Vec<Step> {
-        pool_steps(self.inv, self.balancer, Pool::with_down(down))
+        pool_steps(self.inv, Pool::with_down(down))
     }
 
     pub(super) fn drain(&self, hosts: &[&Host]) -> Vec<Step> {

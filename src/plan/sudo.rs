@@ -57,7 +57,8 @@ mod tests {
     use crate::inventory::Strategy;
     use crate::plan::{BatchSize, Plan, PlanInput};
 
-    fn plan(app: bool, balancer: bool) -> Plan {
+    /// The plan and its `--commands` listing.
+    fn plan_and_listing(app: bool, balancer: bool) -> (Plan, String) {
         let text = format!(
             r#"
 [ssh]
@@ -87,7 +88,7 @@ address = "10.0.1.2"
         );
         let inv = Inventory::parse(&text).unwrap();
         let balancer = Nginx::new(&inv.balancer, &inv.app, &inv.hosts);
-        Plan::build(PlanInput {
+        let plan = Plan::build(PlanInput {
             inventory: &inv,
             balancer: &balancer,
             release: "v2".into(),
@@ -102,7 +103,18 @@ address = "10.0.1.2"
             adopt: false,
             selected: None,
         })
-        .unwrap()
+        .unwrap();
+        let mut listing = Vec::new();
+        plan.write_commands(&balancer, &mut listing).unwrap();
+        (plan, String::from_utf8(listing).unwrap())
+    }
+
+    fn plan(app: bool, balancer: bool) -> Plan {
+        plan_and_listing(app, balancer).0
+    }
+
+    fn listing(app: bool, balancer: bool) -> String {
+        plan_and_listing(app, balancer).1
     }
 
     /// The command lines of the rendered plan, each with the target of the step above it.
@@ -112,7 +124,7 @@ address = "10.0.1.2"
         for line in text.lines() {
             if let Some(command) = line.strip_prefix("      $ ") {
                 out.push((target.clone(), command.to_string()));
-            } else if line.starts_with("  ") && !line.starts_with("      ") {
+            } else if !line.starts_with("      ") {
                 target = line.to_string();
             }
         }
@@ -121,7 +133,7 @@ address = "10.0.1.2"
 
     #[test]
     fn every_command_of_a_side_with_sudo_is_printed_as_sent() {
-        let text = plan(true, true).render_text();
+        let text = listing(true, true);
         let commands = commands(&text);
         assert!(commands.len() > 10, "{text}");
         for (step, command) in &commands {
@@ -148,9 +160,10 @@ address = "10.0.1.2"
 
     #[test]
     fn only_the_side_that_says_so_goes_through_sudo() {
-        let text = plan(false, true).render_text();
+        let text = listing(false, true);
         let commands = commands(&text);
-        let on_lb = |step: &str| step.contains(" lb lb-1");
+        // The command every pool change runs is listed once, before the steps.
+        let on_lb = |step: &str| step.contains(" lb lb-1") || step.starts_with("Every pool change");
         assert!(commands.iter().any(|(s, _)| on_lb(s)), "{text}");
         assert!(commands.iter().any(|(s, _)| !on_lb(s)), "{text}");
         for (step, command) in &commands {
@@ -162,8 +175,8 @@ address = "10.0.1.2"
         }
         assert!(!text.contains("On app hosts"), "{text}");
 
-        let none = plan(false, false);
-        assert!(!none.render_text().contains("sudo -n"));
+        let (none, text) = plan_and_listing(false, false);
+        assert!(!text.contains("sudo -n"));
         let json = serde_json::to_value(&none).unwrap();
         assert!(json.get("sudo").is_none(), "unchanged without sudo");
         let json = serde_json::to_value(plan(true, false)).unwrap();

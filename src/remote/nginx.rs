@@ -11,7 +11,7 @@ use crate::inventory::BalancerConfig;
 /// swaps generations in about a tenth of a second; five seconds is for a load balancer that is
 /// busy, and stays well below the lock's mutex wait, since on the lock host a pool change
 /// holds that mutex while it runs.
-const CONFIRM_WAIT_SECS: u32 = 5;
+pub const CONFIRM_WAIT_SECS: u32 = 5;
 const CONFIRM_POLL: f64 = 0.02;
 
 /// Shell text that sets `m` to the master's PID from `pid_file`, or prints why it cannot and
