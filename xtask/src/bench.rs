@@ -264,7 +264,7 @@ fn upload_speed() -> String {
     }
 }
 
-fn build_roller() -> anyhow::Result<PathBuf> {
+pub(crate) fn build_roller() -> anyhow::Result<PathBuf> {
     println!("building roller (release)...");
     let built = proc::wait_child(
         &mut Command::new(cargo())

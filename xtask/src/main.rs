@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask fleet|demo|test|bench|ci`.
+//! Developer tasks: `cargo xtask fleet|demo|test|bench|bench plan|ci`.
 //!
 //! Lives in the workspace (not in shell scripts) so the demo and the bench use exactly the
 //! fleet code that roller's integration tests use, and work wherever cargo does. Speeds are
@@ -6,6 +6,7 @@
 //! speed floor fails for reasons that are not roller's.
 
 mod bench;
+mod bench_plan;
 mod floor;
 mod measure;
 mod scale;
@@ -73,6 +74,8 @@ enum Task {
     /// Also reports the SSH transport's upload speed for a 100 MiB jar. From 50 hosts on
     /// (light apps): pre-flight time and roller's peak memory in a rollout at batch 10%.
     Bench {
+        #[command(subcommand)]
+        what: Option<BenchWhat>,
         #[arg(long, default_value_t = 8)]
         hosts: usize,
         /// Batch sizes to measure, each in its own rounds [default: 1,2; 10% from 50 hosts].
@@ -86,6 +89,21 @@ enum Task {
         root: Option<PathBuf>,
         /// Measure this roller binary instead of building this checkout's, e.g. an earlier
         /// commit's, to compare two versions on the same fleet.
+        #[arg(long)]
+        roller: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// `roller plan`, `--output json` and `--commands` of a generated inventory, offline:
+    /// wall time, peak RSS and output size against the targets (release build).
+    Plan {
+        #[arg(long, default_value_t = 1000)]
+        hosts: usize,
+        #[arg(long, default_value = "1")]
+        batch: String,
+        /// Measure this roller binary instead of building this checkout's.
         #[arg(long)]
         roller: Option<PathBuf>,
     },
@@ -150,6 +168,16 @@ fn main() -> ExitCode {
         Task::Test { args } => test(&args),
         Task::Ci => ci(),
         Task::Bench {
+            what:
+                Some(BenchWhat::Plan {
+                    hosts,
+                    batch,
+                    roller,
+                }),
+            ..
+        } => bench_plan::bench_plan(hosts, &batch, roller),
+        Task::Bench {
+            what: None,
             hosts,
             batch,
             rounds,
