@@ -134,10 +134,11 @@ fn a_config_file_that_does_not_parse_is_bad_input_naming_it_before_any_connectio
     );
 }
 
+/// `roller plan --commands`, which shows the upstream files.
 fn plan_text(inventory: &Path) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_roller"))
         .args(["plan", "--inventory", inventory.to_str().unwrap()])
-        .args(["--release", "v2", "--batch", "1"])
+        .args(["--release", "v2", "--batch", "1", "--commands"])
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap()

@@ -1,10 +1,12 @@
 //! A rollout computed in full before it starts: batches of phases of steps, each step an exact
-//! remote command. `roller plan` prints this object and `roller rollout` executes it, so what
-//! an operator reviews is what runs.
+//! remote command, or the pool a pool change installs (its file rendered when it is applied,
+//! so that the plan grows with hosts plus batches). `roller plan` prints this object and
+//! `roller rollout` executes it, so what an operator reviews is what runs.
 //!
 //! The types are here; each strategy has its own builder (`rolling`, with `canary` for its
-//! first batch, and `blue_green`), and `render` prints a plan as text. A new strategy is a new
-//! builder that fills in a [`Plan`] from [`Plan::base`], dispatched from [`Plan::build`].
+//! first batch, and `blue_green`); `summary` tells a plan in words, `worst_case` adds up its
+//! bounds, and `render` lists its commands. A new strategy is a new builder that fills in a
+//! [`Plan`] from [`Plan::base`], dispatched from [`Plan::build`].
 
 mod artifact;
 mod blue_green;
