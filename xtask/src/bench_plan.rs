@@ -119,7 +119,9 @@ fn inventory_of(hosts: usize) -> anyhow::Result<String> {
 }
 
 /// One run: wall time from spawn to exit, the child's own peak RSS (`wait4`, so runs do not
-/// mix), and the bytes it printed, read as they come.
+/// mix), and the bytes it printed, counted as they come and not kept. Not `measure::run`,
+/// which keeps the output: the child of a parent holding hundreds of megabytes (`--commands`)
+/// starts with those pages resident until it execs, and they count in its peak.
 fn measure(
     roller: &Path,
     inventory: &Path,
