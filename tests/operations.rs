@@ -459,3 +459,52 @@ fn status_shows_an_unfinished_rollout_and_the_command_that_finishes_it() {
         "status or check changed something"
     );
 }
+
+#[test]
+fn resume_finishes_a_selected_rollout_on_its_recorded_hosts_alone() {
+    let fleet = Fleet::up(FleetSpec::for_test("select-resume", 3)).unwrap();
+    let inventory = fleet.inventory_path();
+    let v2 = fleet
+        .jar(&JarSpec::healthy("v2").with_startup_delay(std::time::Duration::from_millis(1500)))
+        .unwrap();
+    let mut running = Running::start(&rollout_args(
+        &inventory,
+        &v2,
+        "v2",
+        "1",
+        &["--hosts", "web-1,web-3"],
+    ));
+    running.wait_for_step("drain", &fleet.lb_address(), "succeeded");
+    running.signal(libc::SIGKILL);
+    assert_eq!(
+        running.finish().code,
+        None,
+        "roller should have died by SIGKILL"
+    );
+
+    let refused = admin("resume", &inventory, &["--hosts", "web-2"]);
+    assert_eq!(refused.code, Some(2), "{}", refused.stderr);
+    let run = admin("resume", &inventory, &[]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(
+        report_hosts(&run),
+        [
+            ("web-1".to_string(), "updated".to_string(), true),
+            ("web-2".to_string(), "untouched".to_string(), true),
+            ("web-3".to_string(), "updated".to_string(), true),
+        ]
+    );
+    assert_eq!(fleet.live_release("web-2").as_deref(), Some("v1"));
+    assert!(!fleet.host_dir("web-2").join("shop/releases/v2").exists());
+    assert_eq!(fleet.live_release("web-1").as_deref(), Some("v2"));
+    assert_eq!(fleet.live_release("web-3").as_deref(), Some("v2"));
+    assert_eq!(fleet.upstream_text().matches(" down").count(), 0);
+    let history = roller(&["history", "--inventory", inventory.to_str().unwrap()]);
+    let rollouts = history.lines[0]["history"]["rollouts"]
+        .as_array()
+        .unwrap()
+        .clone();
+    // The killed run recorded nothing; its resume records itself.
+    assert_eq!(rollouts.len(), 1, "{rollouts:?}");
+    assert_eq!(rollouts[0]["command"], "resume");
+}

@@ -164,7 +164,7 @@ async fn locked(
     if let (Kind::Resume(state), None) = (&d.kind, &d.artifact)
         && let Some(sha) = &state.artifact_sha256
     {
-        resume::verify_staged_jar(inv, sessions, &state.release, sha).await?;
+        resume::verify_staged_jar(inv, sessions, d.selected.as_ref(), &state.release, sha).await?;
     }
     let prior = read_state(held.lock_host.as_ref(), inv).await?;
     let balancers = session::balancer_set(inv);

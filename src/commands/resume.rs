@@ -5,6 +5,7 @@
 //! use, and the jar comes from `--artifact` or from the hosts, which must already hold it with
 //! the recorded checksum.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -158,16 +159,22 @@ async fn read_remote_state(inv: &Inventory) -> Result<Option<RolloutState>> {
     state
 }
 
-/// Without a jar given, a resumed rollout relies on the one staged on every host: each must hold
-/// it with the recorded checksum, or nothing starts.
+/// Without a jar given, a resumed rollout relies on the one staged on every host it acts on (the
+/// rollout's selection, if it had one): each must hold it with the recorded checksum, or
+/// nothing starts.
 pub(super) async fn verify_staged_jar(
     inv: &Inventory,
     sessions: &Sessions,
+    selected: Option<&BTreeSet<String>>,
     release: &str,
     sha256: &str,
 ) -> Result<()> {
     let command = crate::remote::artifact_present(&inv.app, release, sha256);
-    let checks = futures::future::join_all(inv.hosts.iter().map(|h| {
+    let acted_on = inv
+        .hosts
+        .iter()
+        .filter(|h| selected.is_none_or(|s| s.contains(&h.name)));
+    let checks = futures::future::join_all(acted_on.map(|h| {
         let command = command.clone();
         async move {
             let out = sessions[&h.name]
