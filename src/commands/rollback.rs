@@ -214,6 +214,9 @@ fn agreed_previous(
     let mut previous: BTreeMap<&str, String> = BTreeMap::new();
     for (host, h) in held {
         match &h.previous {
+            // A switch that was rolled back leaves the release it replaced recorded as the
+            // previous one while that release is live again: it says nothing about before.
+            Some(raw) if live_on(host, &release_name(raw)) => {}
             Some(raw) if is_release(&release_name(raw)) => {
                 previous.insert(host, release_name(raw));
             }
@@ -245,7 +248,7 @@ fn agreed_previous(
     }
     let said = |host: &str| match previous.get(host) {
         Some(p) => format!("previous release {p}"),
-        None => "no previous release recorded".into(),
+        None => "no previous release recorded apart from the live one".into(),
     };
     Err(held
         .keys()
@@ -334,6 +337,23 @@ mod tests {
             refused[1].1.contains("no previous release recorded"),
             "{refused:?}"
         );
+    }
+
+    /// After a failed rollout of v3 rolled web-1 back to v2, web-1's record names v2, its live
+    /// release again: it cannot vote, so the rollback is refused rather than a no-op to v2.
+    #[test]
+    fn a_previous_release_that_is_live_again_is_no_answer() {
+        let hosts = [
+            ("web-1", "v2", "previous=releases/v2\nholds=v1\nholds=v2\n"),
+            ("web-2", "v2", HOLDS_V1_V2),
+        ];
+        let refused = decided(None, &hosts).unwrap_err();
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert!(
+            refused[0].1.contains("apart from the live one"),
+            "{refused:?}"
+        );
+        assert_eq!(decided(Some("v1"), &hosts), Ok("v1".into()));
     }
 
     #[test]
