@@ -139,6 +139,10 @@ pub enum Error {
         live: Slot,
         hosts: Vec<String>,
     },
+    /// A controller-side hook that may stop the run (`hooks.before_rollout`) failed: nothing
+    /// changed.
+    #[error("hooks.{hook} failed, so nothing was changed: {message}")]
+    Hook { hook: String, message: String },
 }
 
 /// Why this controller does not hold the deploy lock.

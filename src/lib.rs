@@ -16,6 +16,7 @@ pub mod error;
 pub mod executor;
 pub mod health;
 pub mod history;
+pub mod hooks;
 pub mod inventory;
 pub mod journal;
 pub mod lock;

@@ -371,7 +371,8 @@ fn exit_code(error: &Error) -> u8 {
         | Error::DiscoveryFailed(_)
         | Error::Unfinished(_)
         | Error::State(_)
-        | Error::SwitchBackRefused { .. } => exit::PREFLIGHT,
+        | Error::SwitchBackRefused { .. }
+        | Error::Hook { .. } => exit::PREFLIGHT,
         Error::Locked(_) => exit::LOCKED,
         Error::Interrupted { .. } => exit::INTERRUPTED,
     }
@@ -418,6 +419,7 @@ fn report_error(error: &Error, output: Output) {
             Error::SwitchBackRefused { slot, live, hosts } => serde_json::json!({
                 "kind": "switch-back-refused", "slot": slot.as_str(), "live": live.as_str(), "hosts": hosts
             }),
+            Error::Hook { hook, .. } => serde_json::json!({ "kind": "hook", "hook": hook }),
         };
         println!(
             "{}",

@@ -178,3 +178,134 @@ fn a_failing_before_drain_fails_the_batch_before_it_leaves_the_pool() {
     );
     assert_fleet_on(&fleet, "v1", "v1");
 }
+
+/// A controller-side hook that appends its name and environment to `log`, one line a run.
+fn recording(log: &std::path::Path) -> String {
+    format!(
+        r#"printf '%s|%s|%s|%s|%s|%s|%s\n' "$ROLLER_HOOK" "$ROLLER_KIND" "$ROLLER_RELEASE" "$ROLLER_ROLLOUT_ID" "${{ROLLER_BATCH-}}" "$ROLLER_HOSTS" "${{ROLLER_OUTCOME-}}" >> '{}'"#,
+        log.display()
+    )
+}
+
+/// The recorded lines as fields, with the rollout id checked and left out.
+fn recorded(log: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let ids: std::collections::BTreeSet<String> = text
+        .lines()
+        .map(|l| l.split('|').nth(3).unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 1, "one rollout id per run: {text}");
+    let id = ids.into_iter().next().unwrap();
+    assert!(
+        id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id:?}"
+    );
+    text.lines()
+        .map(|l| l.replace(&format!("|{id}|"), "|"))
+        .collect()
+}
+
+#[test]
+fn controller_hooks_run_in_order_with_the_run_in_their_environment() {
+    let fleet = Fleet::up(FleetSpec::for_test("hooks-controller", 3)).unwrap();
+    let log = fleet.root().join("controller-hooks.log");
+    let record = recording(&log);
+    let inventory = inventory_with_hooks(
+        &fleet,
+        &[
+            ("before_rollout", &record),
+            ("after_batch", &record),
+            ("after_rollout", &record),
+            ("on_failure", &record),
+            (
+                "after_healthy",
+                r#"test "$ROLLER_RELEASE" != v3 || { echo "warm-up of $ROLLER_RELEASE failed" >&2; exit 1; }"#,
+            ),
+        ],
+    );
+    let v2 = fleet.jar(&JarSpec::healthy("v2")).unwrap();
+    let run = rollout(&inventory, &v2, "v2", "1");
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(
+        recorded(&log),
+        [
+            "before_rollout|rollout|v2||web-1,web-2,web-3|",
+            "after_batch|rollout|v2|1|web-1|",
+            "after_batch|rollout|v2|2|web-2|",
+            "after_batch|rollout|v2|3|web-3|",
+            "after_rollout|rollout|v2||web-1,web-2,web-3|succeeded",
+        ]
+    );
+
+    // A failed batch: no after_batch for it, then on_failure with the report's outcome.
+    std::fs::remove_file(&log).unwrap();
+    let v3 = fleet.jar(&JarSpec::healthy("v3")).unwrap();
+    let run = rollout(&inventory, &v3, "v3", "1");
+    assert_eq!(run.code, Some(4), "{}", run.stderr);
+    assert_eq!(
+        recorded(&log),
+        [
+            "before_rollout|rollout|v3||web-1,web-2,web-3|",
+            "on_failure|rollout|v3||web-1,web-2,web-3|rolled-back",
+        ]
+    );
+
+    // A rollback is told as one. web-1's record of its previous release went with the
+    // failed batch, so the release is named.
+    std::fs::remove_file(&log).unwrap();
+    let run = admin("rollback", &inventory, &["--batch", "2", "--to", "v1"]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(
+        recorded(&log),
+        [
+            "before_rollout|rollback|v1||web-1,web-2,web-3|",
+            "after_batch|rollback|v1|1|web-1,web-2|",
+            "after_batch|rollback|v1|2|web-3|",
+            "after_rollout|rollback|v1||web-1,web-2,web-3|succeeded",
+        ]
+    );
+}
+
+#[test]
+fn a_failing_before_rollout_changes_nothing_and_other_hooks_only_warn() {
+    let fleet = Fleet::up(FleetSpec::for_test("hooks-gate", 2)).unwrap();
+    let v2 = fleet.jar(&JarSpec::healthy("v2")).unwrap();
+    let gate = inventory_with_hooks(
+        &fleet,
+        &[("before_rollout", "echo 'change freeze' >&2; exit 9")],
+    );
+    let reloads = fleet.nginx_reloads();
+
+    let run = rollout(&gate, &v2, "v2", "1");
+
+    assert_eq!(run.code, Some(3), "{}", run.stderr);
+    assert_eq!(run.error()["error"]["kind"], "hook");
+    assert!(run.stderr.contains("change freeze"), "{}", run.stderr);
+    assert!(run.touched("stage").is_empty() && run.touched("remove-from-pool").is_empty());
+    assert_eq!(fleet.nginx_reloads(), reloads, "the pool changed");
+    for host in fleet.host_names() {
+        assert!(
+            !fleet.host_dir(&host).join("shop/releases/v2").exists(),
+            "{host} got the jar"
+        );
+    }
+    assert_fleet_on(&fleet, "v1", "v1");
+
+    // Failures of the hooks that follow the run are warnings: the rollout still succeeds.
+    let warn = inventory_with_hooks(
+        &fleet,
+        &[("after_batch", "exit 1"), ("after_rollout", "exit 2")],
+    );
+    let run = rollout(&warn, &v2, "v2", "1");
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let notes = run.report()["notes"].to_string();
+    assert!(
+        notes.contains("hook after_batch failed (exit code 1)"),
+        "{notes}"
+    );
+    assert!(
+        notes.contains("hook after_rollout failed (exit code 2)"),
+        "{notes}"
+    );
+    assert_fleet_on(&fleet, "v2", "v2");
+}

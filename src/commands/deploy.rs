@@ -19,6 +19,7 @@ use crate::executor::{
 };
 use crate::health::HttpOverSsh;
 use crate::history;
+use crate::hooks::ControllerHooks;
 use crate::inventory::{Inventory, Strategy};
 use crate::journal::{self, Journal, RolloutState, RunKind, Status, Tee};
 use crate::lock;
@@ -335,6 +336,16 @@ async fn locked(
         state_dir: inv.balancer.state_dir.clone(),
         journal: Some(journal.clone()),
     };
+    let hooks = ControllerHooks::new(
+        &inv.hooks,
+        kind,
+        plan.release.clone(),
+        rollout_id.to_string(),
+        plan.batches.iter().flat_map(|b| b.hosts.clone()).collect(),
+        Some(journal.as_ref()),
+    );
+    // The last point where nothing has changed: a failing hook stops the run here.
+    hooks.before_rollout().await?;
     let executor = Executor::new(ExecutorInput {
         plan: &plan,
         balancer,
@@ -354,8 +365,11 @@ async fn locked(
             initial: state,
         }),
         observed: &observed,
+        hooks: Some(&hooks),
     });
-    let report = executor.run().await?;
+    let mut report = executor.run().await?;
+    hooks.after_run(report.outcome).await;
+    report.notes.extend(hooks.warnings());
     if matches!(d.kind, Kind::Recover(_))
         && report.outcome == Outcome::Succeeded
         && let Some(mut state) = executor.last_state()

@@ -42,6 +42,7 @@ use self::step::to_host_failure;
 use crate::balancer::Balancer;
 use crate::error::{Error, Result};
 use crate::health::HealthCheck;
+use crate::hooks::ControllerHooks;
 use crate::journal::{self, RolloutState, Status};
 use crate::plan::{Action, PhaseName, Plan, Step};
 use crate::report::{Event, FailureAt, Outcome, Reporter, RolloutReport, StepState};
@@ -122,6 +123,8 @@ pub struct ExecutorInput<'a> {
     pub state: Option<KeptState<'a>>,
     /// From pre-flight: each host's live release and pool membership.
     pub observed: &'a FleetAtPreflight,
+    /// Controller-side hooks told of each completed batch; `None` for none.
+    pub hooks: Option<&'a ControllerHooks<'a>>,
 }
 
 pub struct Executor<'a> {
@@ -141,6 +144,7 @@ pub struct Executor<'a> {
     /// batch), and never cleared: from then on no wait may be cut short, or the clean-up
     /// itself would strand hosts.
     cleaning_up: AtomicBool,
+    hooks: Option<&'a ControllerHooks<'a>>,
 }
 
 impl<'a> Executor<'a> {
@@ -158,6 +162,7 @@ impl<'a> Executor<'a> {
             state: Mutex::new(input.state.map(|k| k.initial)),
             started: Instant::now(),
             cleaning_up: AtomicBool::new(false),
+            hooks: input.hooks,
         }
     }
 
@@ -183,7 +188,11 @@ impl<'a> Executor<'a> {
             }
             let next = self.plan.batches.get(index + 1);
             match self.run_batch(batch, next).await {
-                Ok(()) => {}
+                Ok(()) => {
+                    if let Some(hooks) = self.hooks {
+                        hooks.after_batch(batch.number, &batch.hosts).await;
+                    }
+                }
                 Err(BatchStop::Interrupted {
                     reason,
                     phase,

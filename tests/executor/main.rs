@@ -524,6 +524,7 @@ async fn rollout_to(
             initial: initial_state(&inventory, target.release),
         }),
         observed: &observed,
+        hooks: None,
     });
     (exec.run().await, recorder)
 }
