@@ -549,3 +549,35 @@ fn host_hooks_appear_in_the_plan() {
         .collect();
     insta::assert_json_snapshot!(batches);
 }
+
+/// The summary tells the steps in the order they run: with a before_drain hook, the capacity
+/// check comes before the hook, and the pool change after it.
+#[test]
+fn the_plan_summary_tells_hooks_where_they_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let inventory = dir.path().join("roller.toml");
+    let example = std::fs::read_to_string(example()).unwrap();
+    std::fs::write(
+        &inventory,
+        format!(
+            "{example}\n[hooks]\nbefore_drain = \"touch quiesced\"\nafter_healthy = \"true\"\n"
+        ),
+    )
+    .unwrap();
+    let out = roller(&["plan", "-i", inventory.to_str().unwrap(), "--release", "v2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let summary = text(&out.stdout);
+    let words = summary
+        .lines()
+        .find(|l| l.contains("before_drain"))
+        .unwrap_or_else(|| panic!("no hook in the summary:\n{summary}"));
+    let at = |what: &str| {
+        words
+            .find(what)
+            .unwrap_or_else(|| panic!("{what:?} not in {words}"))
+    };
+    assert!(at("Checks that at least 1") < at("runs the before_drain hook"));
+    assert!(at("runs the before_drain hook") < at("leaves the pool"));
+    assert!(at("passes its health check") < at("runs the after_healthy hook"));
+    assert!(at("runs the after_healthy hook") < at("returns to the pool"));
+}

@@ -232,10 +232,17 @@ impl Summary<'_> {
             };
             let part = match (phase.name, action) {
                 (_, Action::CapacityCheck { returning, min_healthy, .. }) => {
-                    if returning.is_empty() {
-                        checked = Some(*min_healthy);
-                    } else {
-                        next_checked = true;
+                    let leaves_next = phases
+                        .peek()
+                        .is_some_and(|p| p.name == PhaseName::RemoveFromPool);
+                    match (returning.is_empty(), leaves_next) {
+                        // Told with the pool change it guards.
+                        (true, true) => checked = Some(*min_healthy),
+                        // A hook runs between the check and the change.
+                        (true, false) => parts.push(format!(
+                            "checks that at least {min_healthy} of the hosts that stay answer healthy"
+                        )),
+                        (false, _) => next_checked = true,
                     }
                     continue;
                 }
