@@ -142,3 +142,37 @@ fn a_release_missing_on_a_host_is_refused_with_nothing_changed() {
     assert_eq!(fleet.nginx_reloads(), reloads, "the pool changed");
     assert_fleet_on(&fleet, "v2", "v2");
 }
+
+/// A rollback is recorded as one: killed halfway, `roller resume` finishes it without a jar.
+#[test]
+fn resume_finishes_a_killed_rollback_without_an_artifact() {
+    let fleet = Fleet::up(FleetSpec::for_test("rollback-resume", 3)).unwrap();
+    let inventory = fleet.inventory_path();
+    let v2 = fleet.jar(&JarSpec::healthy("v2")).unwrap();
+    let run = rollout(&inventory, &v2, "v2", "1");
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let load = start_load(&fleet);
+
+    let mut running = Running::start(&admin_args("rollback", &inventory, &["--batch", "1"]));
+    running.wait_for_step("switch", "web-2", "succeeded");
+    running.signal(libc::SIGKILL);
+    assert_eq!(
+        running.finish().code,
+        None,
+        "roller should have died by SIGKILL"
+    );
+    assert_eq!(fleet.live_release("web-1").as_deref(), Some("v1"));
+
+    let run = admin("resume", &inventory, &[]);
+    let traffic = load.stop();
+
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(run.report()["kind"], "rollback");
+    assert_eq!(run.report()["release"], "v1");
+    assert!(
+        run.touched("stage").is_empty(),
+        "a resumed rollback staged a jar"
+    );
+    assert_no_failed_requests(&traffic);
+    assert_fleet_on(&fleet, "v1", "v1");
+}
