@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use e2e::*;
-use roller_fleet::{Fleet, FleetSpec, JarSpec};
+use roller_fleet::{Fleet, FleetSpec, JarSpec, Mode};
 
 fn rollback(inventory: &Path, extra: &[&str]) -> Run {
     let mut args = vec!["--batch", "1"];
@@ -175,4 +175,31 @@ fn resume_finishes_a_killed_rollback_without_an_artifact() {
     );
     assert_no_failed_requests(&traffic);
     assert_fleet_on(&fleet, "v1", "v1");
+}
+
+/// Under blue-green the old slots still run the release before: a rollback sends traffic back
+/// to them, as `roller switch-back` does, and refuses `--to`.
+#[test]
+fn under_blue_green_a_rollback_is_a_switch_back() {
+    let fleet =
+        Fleet::up(FleetSpec::for_test("rollback-bg", 2).with_mode(Mode::BlueGreen)).unwrap();
+    let inventory = fleet.inventory_path();
+    let v2 = fleet.jar(&JarSpec::healthy("v2")).unwrap();
+    let run = rollout(&inventory, &v2, "v2", "1");
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(fleet.live_slot().as_deref(), Some("green"));
+    let load = start_load(&fleet);
+
+    let refused = admin("rollback", &inventory, &["--to", "v1"]);
+    assert_eq!(refused.code, Some(2), "{}", refused.stderr);
+    let run = admin("rollback", &inventory, &[]);
+    let traffic = load.stop();
+
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(run.touched("switch").is_empty() && run.touched("restart").is_empty());
+    assert_eq!(fleet.live_slot().as_deref(), Some("blue"));
+    for host in fleet.host_names() {
+        assert_eq!(fleet.app_version(&host).as_deref(), Some("v1"), "{host}");
+    }
+    assert_no_failed_requests(&traffic);
 }
