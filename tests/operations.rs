@@ -508,3 +508,40 @@ fn resume_finishes_a_selected_rollout_on_its_recorded_hosts_alone() {
     assert_eq!(rollouts.len(), 1, "{rollouts:?}");
     assert_eq!(rollouts[0]["command"], "resume");
 }
+
+/// Where the lock host's files are root's alone (`sudo = true`), status and history read them
+/// through sudo, as a rollout writes them.
+#[test]
+fn status_and_history_read_through_sudo_where_the_inventory_says_so() {
+    use roller_fleet::users::{Login, is_root};
+    if !is_root() {
+        eprintln!("skipped: the fleet creates its deploy users only when run as root");
+        return;
+    }
+    let fleet =
+        Fleet::up(FleetSpec::for_test("status-sudo", 2).with_sudo_logins(Login::Sudo)).unwrap();
+    let inventory = fleet.inventory_path();
+    let inv = inventory.to_str().unwrap();
+    let v2 = fleet.jar(&JarSpec::healthy("v2")).unwrap();
+    let run = roller(&rollout_args(&inventory, &v2, "v2", "1", &[]));
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+
+    let status = roller(&["status", "--inventory", inv]);
+    assert_eq!(status.code, Some(0), "{}", status.stderr);
+    let doc = &status.lines[0]["status"];
+    assert_eq!(doc["problems"], serde_json::json!([]), "{doc}");
+    for host in doc["hosts"].as_array().unwrap() {
+        assert_eq!(host["live"], "v2", "{host}");
+        assert_eq!(host["releases"], serde_json::json!(["v1", "v2"]), "{host}");
+    }
+    assert_eq!(doc["balancers"][0]["pool"]["web-1"], "in");
+    assert_eq!(doc["unfinished"], Value::Null);
+    let history = roller(&["history", "--inventory", inv]);
+    assert_eq!(history.code, Some(0), "{}", history.stderr);
+    let rollouts = history.lines[0]["history"]["rollouts"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(rollouts.len(), 1, "{}", history.stderr);
+    assert_eq!(rollouts[0]["result"], "succeeded");
+}

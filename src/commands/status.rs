@@ -16,8 +16,8 @@ use serde::Serialize;
 use super::lock_view::{self, LockHolder};
 use super::{Hints, read_state};
 use crate::balancer::{Balancer, Nginx};
-use crate::error::{HostFailure, Result};
-use crate::executor::{Sessions, release_name};
+use crate::error::{Error, HostFailure, Result};
+use crate::executor::{self, Sessions, release_name};
 use crate::health::{HealthCheck, HealthSpec, HttpOverSsh};
 use crate::inventory::{Inventory, Slot};
 use crate::journal::{Progress, Status};
@@ -102,7 +102,25 @@ pub async fn status(request: StatusRequest) -> Result<FleetStatus> {
     if let Some(selected) = &selected {
         inv.hosts.retain(|h| selected.contains(&h.name));
     }
-    let (sessions, mut problems) = session::connect_each(&inv).await?;
+    let (mut sessions, mut problems) = session::connect_each(&inv).await?;
+    // With `sudo = true` the state directory and the links may be root's alone: read through
+    // sudo, asked first as a rollout asks it (which changes nothing); a host where it is
+    // refused is a problem, not read.
+    let refused: Vec<HostFailure> = match executor::sudo_refusals(&inv, &sessions).await {
+        Ok(refusals) => refusals
+            .into_iter()
+            .map(|r| failure(&r.host, "sudo", r.reason()))
+            .collect(),
+        Err(Error::Preflight { failures }) => failures,
+        Err(e) => return Err(e),
+    };
+    for r in &refused {
+        if let Some(s) = sessions.remove(&r.host) {
+            s.close().await;
+        }
+    }
+    problems.extend(refused);
+    let sessions = executor::as_root(&inv, sessions);
 
     let balancers = read_pools(&inv, &balancer, &sessions, &mut problems).await;
     let ports: BTreeSet<u16> = balancers.iter().filter_map(|b| b.port).collect();
