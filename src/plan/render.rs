@@ -143,8 +143,9 @@ impl Listing<'_> {
             }
             Action::Hook { command, timeout } => writeln!(
                 out,
-                "  {label} {who}: at most {}\n      $ {command}",
-                humantime::format_duration(*timeout)
+                "  {label} {who}: at most {}\n      $ {}",
+                humantime::format_duration(*timeout),
+                sent(command)
             ),
             Action::Upload { check, upload } => writeln!(
                 out,

@@ -74,6 +74,9 @@ sudo = {app}
 hosts = ["lb-1"]
 upstream_file = "/etc/nginx/conf.d/shop.conf"
 sudo = {balancer}
+[hooks]
+before_drain = "quiesce"
+after_healthy = "warm-up"
 [canary]
 hosts = 1
 weights = [10]
@@ -152,6 +155,13 @@ address = "10.0.1.2"
             commands.iter().any(|(_, c)| *c == restart),
             "the operator's restart runs under the one wrapper: {text}"
         );
+        // Hooks too, inside the same single wrapper as their prologue.
+        for hook in ["; quiesce'", "; warm-up'"] {
+            assert!(
+                commands.iter().any(|(_, c)| c.ends_with(hook)),
+                "{hook}: {text}"
+            );
+        }
     }
 
     fn sudo_wrapped(command: &str) -> String {
