@@ -89,10 +89,10 @@ fn a_rollout_as_a_non_root_deploy_user_goes_through_sudo_under_load() {
     let upstream = fleet.upstream_text();
     assert_eq!(owner(&fleet.upstream_file()), 0);
 
-    // `roller plan` prints every command of both sides as it is sent: through sudo.
+    // `roller plan --commands` prints every command of both sides as it is sent: through sudo.
     let plan = Command::new(env!("CARGO_BIN_EXE_roller"))
         .args(["plan", "--inventory", inventory.to_str().unwrap()])
-        .args(["--release", "v2", "--batch", "1"])
+        .args(["--release", "v2", "--batch", "1", "--commands"])
         .output()
         .unwrap();
     assert!(plan.status.success(), "{plan:?}");
