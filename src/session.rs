@@ -245,21 +245,7 @@ pub async fn connect_each(inv: &Inventory) -> Result<(Sessions, Vec<HostFailure>
     let connector = connector(inv)?;
     let endpoints = executor::endpoints(inv)?;
     let connected = futures::future::join_all(endpoints.iter().map(|e| connector.connect(e))).await;
-    let mut sessions = Sessions::new();
-    let mut failures = Vec::new();
-    for (endpoint, result) in endpoints.into_iter().zip(connected) {
-        match result {
-            Ok(session) => {
-                sessions.insert(endpoint.name, session);
-            }
-            Err(e) => failures.push(HostFailure {
-                host: endpoint.name,
-                step: "connect".into(),
-                message: e.to_string(),
-            }),
-        }
-    }
-    Ok((sessions, failures))
+    Ok(crate::transport::sessions::pair_up(endpoints, connected))
 }
 
 /// Appends to `<dir>/<app>/locks.jsonl`, the record of who took the lock from whom; failing to

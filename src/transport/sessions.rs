@@ -137,6 +137,23 @@ pub async fn collect_sessions(
     endpoints: Vec<Endpoint>,
     results: Vec<std::result::Result<Arc<dyn Transport>, TransportError>>,
 ) -> Result<Sessions> {
+    let (sessions, failures) = pair_up(endpoints, results);
+    if failures.is_empty() {
+        Ok(sessions)
+    } else {
+        for session in sessions.values() {
+            session.close().await;
+        }
+        Err(Error::Preflight { failures })
+    }
+}
+
+/// The sessions that opened, by host name, and a `connect` failure naming each host that did
+/// not.
+pub fn pair_up(
+    endpoints: Vec<Endpoint>,
+    results: Vec<std::result::Result<Arc<dyn Transport>, TransportError>>,
+) -> (Sessions, Vec<HostFailure>) {
     let mut sessions = HashMap::new();
     let mut failures = Vec::new();
     for (endpoint, result) in endpoints.into_iter().zip(results) {
@@ -151,12 +168,5 @@ pub async fn collect_sessions(
             }),
         }
     }
-    if failures.is_empty() {
-        Ok(sessions)
-    } else {
-        for session in sessions.values() {
-            session.close().await;
-        }
-        Err(Error::Preflight { failures })
-    }
+    (sessions, failures)
 }
