@@ -164,4 +164,69 @@ fn quiet_rollouts_print_nothing_on_success_and_json_lines_carry_the_schema_versi
     for line in &run.lines {
         assert_eq!(line["schema_version"], 1, "{line}");
     }
+    // The shapes release jobs parse: every field a step event or the report carried, with
+    // its type, pinned so that a change to them is seen and the version raised if needed.
+    let steps = run
+        .lines
+        .iter()
+        .filter(|l| l["event"] == "step")
+        .fold(serde_json::Value::Null, |all, l| merge(all, shape(l)));
+    let report = run
+        .lines
+        .iter()
+        .filter(|l| l["event"] == "report")
+        .fold(serde_json::Value::Null, |all, l| merge(all, shape(l)));
+    insta::assert_json_snapshot!("json_step_event_shape", steps);
+    insta::assert_json_snapshot!("json_report_shape", report);
+}
+
+/// A JSON value with every leaf replaced by its type's name; arrays keep one merged element.
+fn shape(value: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Null => "null".into(),
+        Value::Bool(_) => "bool".into(),
+        Value::Number(_) => "number".into(),
+        Value::String(_) => "string".into(),
+        Value::Array(items) => {
+            Value::Array(items.iter().map(shape).reduce(merge).into_iter().collect())
+        }
+        Value::Object(fields) => {
+            Value::Object(fields.iter().map(|(k, v)| (k.clone(), shape(v))).collect())
+        }
+    }
+}
+
+/// Two shapes as one: objects take the union of their fields, differing leaves read `a|b`.
+fn merge(a: serde_json::Value, b: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Null, b) => b,
+        (Value::Object(mut a), Value::Object(b)) => {
+            for (k, v) in b {
+                let merged = match a.remove(&k) {
+                    Some(old) => merge(old, v),
+                    None => v,
+                };
+                a.insert(k, merged);
+            }
+            Value::Object(a)
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            Value::Array(a.into_iter().chain(b).reduce(merge).into_iter().collect())
+        }
+        (Value::String(a), Value::String(b)) if a == b => Value::String(a),
+        (a, b) => {
+            let mut names: Vec<String> = [a, b]
+                .iter()
+                .flat_map(|v| match v {
+                    Value::String(s) => s.split('|').map(str::to_string).collect(),
+                    other => vec![other.to_string()],
+                })
+                .collect();
+            names.sort();
+            names.dedup();
+            Value::String(names.join("|"))
+        }
+    }
 }
