@@ -104,17 +104,8 @@ mod tests {
     use super::*;
 
     fn inventory() -> Inventory {
-        let text = r#"
-            [ssh]
-            user = "deploy"
-            [app]
-            name = "shop"
-            dir = "/srv/shop"
-            restart = "systemctl restart shop"
-            port = 8080
-            [balancer]
-            hosts = ["lb-1"]
-            upstream_file = "/etc/nginx/conf.d/shop.conf"
+        let text = crate::inventory::MINIMAL.to_string()
+            + r#"
             [[hosts]]
             name = "web-1"
             address = "10.0.0.1"
@@ -128,7 +119,7 @@ mod tests {
             address = "10.0.0.3"
             tags = ["az-a", "big"]
         "#;
-        Inventory::parse(text).expect("a valid inventory")
+        Inventory::parse(&text).expect("a valid inventory")
     }
 
     fn select(hosts: &[&str], tags: &[&str]) -> Result<Option<BTreeSet<String>>> {

@@ -269,17 +269,8 @@ mod tests {
     use super::*;
 
     fn inventory() -> Inventory {
-        let text = r#"
-            [ssh]
-            user = "deploy"
-            [app]
-            name = "shop"
-            dir = "/srv/shop"
-            restart = "systemctl restart shop"
-            port = 8080
-            [balancer]
-            hosts = ["lb-1"]
-            upstream_file = "/etc/nginx/conf.d/shop.conf"
+        let text = crate::inventory::MINIMAL.to_string()
+            + r#"
             [[hosts]]
             name = "web-1"
             address = "10.0.0.1"
@@ -287,7 +278,7 @@ mod tests {
             name = "web-2"
             address = "10.0.0.2"
         "#;
-        Inventory::parse(text).expect("a valid inventory")
+        Inventory::parse(&text).expect("a valid inventory")
     }
 
     /// Each host as `(name, live, what releases_held printed)`.

@@ -80,19 +80,9 @@ impl Reader {
 
 #[cfg(test)]
 mod tests {
-    use crate::inventory::Inventory;
+    use crate::inventory::{Inventory, MINIMAL};
 
-    const BASE: &str = r#"
-        [ssh]
-        user = "deploy"
-        [app]
-        name = "shop"
-        dir = "/srv/shop"
-        restart = "systemctl restart shop"
-        port = 8080
-        [balancer]
-        hosts = ["lb-1"]
-        upstream_file = "/etc/nginx/conf.d/shop.conf"
+    const HOST: &str = r#"
         [[hosts]]
         name = "web-1"
         address = "10.0.0.1"
@@ -100,10 +90,10 @@ mod tests {
 
     #[test]
     fn hooks_are_optional_and_bounded_by_default() {
-        let inv = Inventory::parse(BASE).unwrap();
+        let inv = Inventory::parse(&format!("{MINIMAL}{HOST}")).unwrap();
         assert_eq!(inv.hooks, super::HooksConfig::default());
         let inv = Inventory::parse(&format!(
-            "{BASE}\n[hooks]\nafter_healthy = \"curl -fsS localhost:8080/warm\"\ntimeout = \"30s\"\n"
+            "{MINIMAL}{HOST}\n[hooks]\nafter_healthy = \"curl -fsS localhost:8080/warm\"\ntimeout = \"30s\"\n"
         ))
         .unwrap();
         assert_eq!(
@@ -116,7 +106,7 @@ mod tests {
     #[test]
     fn every_bad_hook_key_is_named() {
         let problems = Inventory::parse(&format!(
-            "{BASE}\n[hooks]\nbefore_drian = \"x\"\nafter_healthy = \"\"\nbefore_rollout = 3\ntimeout = \"soon\"\n"
+            "{MINIMAL}{HOST}\n[hooks]\nbefore_drian = \"x\"\nafter_healthy = \"\"\nbefore_rollout = 3\ntimeout = \"soon\"\n"
         ))
         .unwrap_err();
         let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();

@@ -577,3 +577,19 @@ pub fn is_address(s: &str) -> bool {
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'))
 }
+
+/// The smallest valid inventory but for its hosts, for the unit tests of the modules that read
+/// one: append `[[hosts]]` tables.
+#[cfg(test)]
+pub(crate) const MINIMAL: &str = r#"
+[ssh]
+user = "deploy"
+[app]
+name = "shop"
+dir = "/srv/shop"
+restart = "systemctl restart shop"
+port = 8080
+[balancer]
+hosts = ["lb-1"]
+upstream_file = "/etc/nginx/conf.d/shop.conf"
+"#;
