@@ -39,11 +39,21 @@ pub(crate) fn bench(
         spec = spec.with_light_apps();
     }
     let mut fleet = Fleet::up(spec)?;
-    let result = if scale {
-        scale::bench(&fleet, &roller, &batches)
-    } else {
-        alternate(&fleet, &roller, &batches, rounds.max(1))
-    };
+    let result = (|| {
+        // Two jars taking turns, so that every rollout brings a new release.
+        let jars = [
+            fleet.jar(&JarSpec::healthy("v2"))?,
+            fleet.jar(&JarSpec::healthy("v3"))?,
+        ];
+        let work = roller_fleet::target_dir().join("fleet-bench-work");
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work)?;
+        if scale {
+            scale::bench(&fleet, &roller, (&jars, &work), &batches)
+        } else {
+            alternate(&fleet, &roller, (&jars, &work), &batches, rounds.max(1))
+        }
+    })();
     fleet.down();
     let met = result?;
     if !scale {
@@ -72,16 +82,10 @@ pub(crate) fn batch_hosts(batch: &str, hosts: usize) -> anyhow::Result<usize> {
 fn alternate(
     fleet: &Fleet,
     roller: &Path,
+    (jars, work): (&[PathBuf; 2], &Path),
     batches: &[String],
     rounds: usize,
 ) -> anyhow::Result<bool> {
-    let jars = [
-        fleet.jar(&JarSpec::healthy("v2"))?,
-        fleet.jar(&JarSpec::healthy("v3"))?,
-    ];
-    let work = roller_fleet::target_dir().join("fleet-bench-work");
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
     let mut n = 0;
     let mut met = true;
     for batch in batches {
@@ -96,9 +100,9 @@ fn alternate(
         let (mut ratios, mut owns) = (Vec::new(), Vec::new());
         for round in 1..=rounds {
             n += 1;
-            let ours = roller_rollout(roller, fleet, &jars[n % 2], &format!("r{n}"), batch, &work)?;
+            let ours = roller_rollout(roller, fleet, &jars[n % 2], &format!("r{n}"), batch, work)?;
             n += 1;
-            let floor = floor::rollout(fleet, &jars[n % 2], &format!("f{n}"), size, &work)?;
+            let floor = floor::rollout(fleet, &jars[n % 2], &format!("f{n}"), size, work)?;
             let ratio = ours.wall.as_secs_f64() / floor.wall.as_secs_f64();
             let own = mean_own(&ours.batches);
             ratios.push(ratio);

@@ -2,12 +2,12 @@
 //! how long pre-flight takes, from roller's start to the last host checked, and roller's peak
 //! memory over a whole rollout, against the targets (2 s, 50 MiB).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::bail;
-use roller_fleet::{Fleet, JarSpec};
+use roller_fleet::Fleet;
 
 use crate::measure;
 
@@ -15,14 +15,12 @@ const PREFLIGHT_TARGET_MS: u64 = 2_000;
 const MEMORY_TARGET_KB: u64 = 50 * 1024;
 const ROLLOUT_DEADLINE: Duration = Duration::from_secs(30 * 60);
 
-pub(crate) fn bench(fleet: &Fleet, roller: &Path, batches: &[String]) -> anyhow::Result<bool> {
-    let jars = [
-        fleet.jar(&JarSpec::healthy("v2"))?,
-        fleet.jar(&JarSpec::healthy("v3"))?,
-    ];
-    let work = roller_fleet::target_dir().join("fleet-bench-work");
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
+pub(crate) fn bench(
+    fleet: &Fleet,
+    roller: &Path,
+    (jars, work): (&[PathBuf; 2], &Path),
+    batches: &[String],
+) -> anyhow::Result<bool> {
     let hosts = fleet.host_names().len();
     let mut met = true;
     println!("\nhosts  batch  wall s  pre-flight ms  peak MiB");
