@@ -42,15 +42,22 @@ pub(crate) struct PlanArgs {
     /// rolling, blue-green or canary [default: the inventory's `strategy`, else rolling].
     #[arg(long)]
     pub(crate) strategy: Option<Strategy>,
+    #[command(flatten)]
+    pub(crate) failure: OnFailure,
+    /// Canary: after the last hold, wait for `roller promote` or `roller abort`.
+    #[arg(long)]
+    pub(crate) pause: bool,
+}
+
+/// What a rollout or a rollback does when hosts fail.
+#[derive(Args)]
+pub(crate) struct OnFailure {
     /// What to do when a batch fails.
     #[arg(long, value_enum, default_value_t = Policy::RollbackBatch)]
     pub(crate) on_failure: Policy,
     /// Hosts that may fail, each rolled back alone, before a batch fails as a whole.
     #[arg(long, default_value_t = 0)]
     pub(crate) max_failed_hosts: usize,
-    /// Canary: after the last hold, wait for `roller promote` or `roller abort`.
-    #[arg(long)]
-    pub(crate) pause: bool,
 }
 
 #[derive(Args)]
@@ -108,12 +115,8 @@ pub(crate) struct RollbackArgs {
     pub(crate) batch: BatchSize,
     #[command(flatten)]
     pub(crate) control: Control,
-    /// What to do when a batch fails.
-    #[arg(long, value_enum, default_value_t = Policy::RollbackBatch)]
-    pub(crate) on_failure: Policy,
-    /// Hosts that may fail, each rolled back alone, before a batch fails as a whole.
-    #[arg(long, default_value_t = 0)]
-    pub(crate) max_failed_hosts: usize,
+    #[command(flatten)]
+    pub(crate) failure: OnFailure,
 }
 
 #[derive(Args)]
@@ -178,8 +181,8 @@ pub(crate) async fn plan_command(command: &PlanCommandArgs) -> Result<u8, Error>
     let written = match args.common.output {
         Output::Text => Summary {
             plan: &planned.plan,
-            on_failure: args.on_failure.into(),
-            max_failed_hosts: args.max_failed_hosts,
+            on_failure: args.failure.on_failure.into(),
+            max_failed_hosts: args.failure.max_failed_hosts,
         }
         .write(&mut out)
         .and_then(|()| match command.commands {
@@ -210,8 +213,8 @@ pub(crate) async fn rollout_command(args: &RolloutArgs) -> Result<u8, Error> {
         release: args.plan.release.clone(),
         batch: args.plan.batch,
         strategy: args.plan.strategy,
-        on_failure: args.plan.on_failure.into(),
-        max_failed_hosts: args.plan.max_failed_hosts,
+        on_failure: args.plan.failure.on_failure.into(),
+        max_failed_hosts: args.plan.failure.max_failed_hosts,
         pause: args.plan.pause,
         control: args.control.to_lib(),
         selection: args.plan.select.to_lib(),
@@ -229,8 +232,8 @@ pub(crate) async fn rollback_command(args: &RollbackArgs) -> Result<u8, Error> {
         inventory_path: args.common.inventory.clone(),
         to: args.to.clone(),
         batch: args.batch,
-        on_failure: args.on_failure.into(),
-        max_failed_hosts: args.max_failed_hosts,
+        on_failure: args.failure.on_failure.into(),
+        max_failed_hosts: args.failure.max_failed_hosts,
         control: args.control.to_lib(),
         selection: args.select.to_lib(),
     };
