@@ -294,19 +294,16 @@ fn bad_flags_and_artifacts_exit_2_before_any_connection() {
             args.extend(["--release", "v1"]);
         }
         args.extend(&extra);
-        let out = roller(&args);
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "{args:?}: {}",
-            text(&out.stderr)
-        );
-        assert!(
-            text(&out.stderr).contains(expected),
-            "{args:?}: {}",
-            text(&out.stderr)
-        );
+        assert_bad_input(&args, expected);
     }
+}
+
+/// roller refuses `args` as bad input (exit 2), saying `expected` on stderr.
+fn assert_bad_input(args: &[&str], expected: &str) {
+    let out = roller(args);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    assert!(stderr.contains(expected), "{args:?}: {stderr}");
 }
 
 #[test]
@@ -444,13 +441,7 @@ fn a_selection_that_matches_nothing_or_cannot_apply_exits_2() {
     for (args, expected) in cases {
         let mut all = vec![args[0], "-i", &inv];
         all.extend(&args[1..]);
-        let out = roller(&all);
-        assert_eq!(out.status.code(), Some(2), "{all:?}: {}", text(&out.stderr));
-        assert!(
-            text(&out.stderr).contains(expected),
-            "{all:?}: {}",
-            text(&out.stderr)
-        );
+        assert_bad_input(&all, expected);
     }
 }
 

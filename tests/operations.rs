@@ -288,26 +288,6 @@ fn redacted(mut value: Value, fleet: &Fleet) -> Value {
     value
 }
 
-fn tamper_host_key(fleet: &Fleet, host: &str) {
-    // The host's entry gets the load balancer's key: a different, valid key for that address.
-    let known_hosts = std::fs::read_to_string(fleet.known_hosts_path()).unwrap();
-    let address = fleet.host_address(host);
-    let lb_key = known_hosts
-        .lines()
-        .find(|l| l.starts_with(&format!("[{}]", fleet.lb_address())))
-        .and_then(|l| l.split_once(' '))
-        .map(|(_, key)| key.to_string())
-        .unwrap();
-    let tampered: Vec<String> = known_hosts
-        .lines()
-        .map(|l| match l.split_once(' ') {
-            Some((h, _)) if h.starts_with(&format!("[{address}]")) => format!("{h} {lb_key}"),
-            _ => l.to_string(),
-        })
-        .collect();
-    std::fs::write(fleet.known_hosts_path(), tampered.join("\n") + "\n").unwrap();
-}
-
 fn text_output(args: &[&str]) -> (Option<i32>, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_roller"))
         .args(args)
@@ -342,7 +322,7 @@ fn check_passes_on_a_healthy_fleet_and_names_a_host_with_a_wrong_key_changing_no
     assert!(text.ends_with("a rollout could start\n"), "{text}");
     assert_eq!(fleet_files(&fleet), before, "check changed something");
 
-    tamper_host_key(&fleet, "web-2");
+    give_host_the_lb_key(&fleet, "web-2");
     let run = roller(&["check", "--inventory", inv]);
     assert_eq!(run.code, Some(3), "{}", run.stderr);
     let check = &run.lines[0]["check"];

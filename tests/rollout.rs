@@ -141,23 +141,7 @@ fn a_host_whose_key_does_not_match_known_hosts_is_refused_before_anything_change
     let fleet = Fleet::up(FleetSpec::for_test("hostkey", 2)).unwrap();
     let v2 = fleet.jar(&JarSpec::healthy("v2")).unwrap();
     let upstream_before = fleet.upstream_text();
-    // Give web-2's entry the load balancer's key: a different, valid key for that address.
-    let known_hosts = std::fs::read_to_string(fleet.known_hosts_path()).unwrap();
-    let web2 = fleet.host_address("web-2");
-    let lb_key = known_hosts
-        .lines()
-        .find(|l| l.starts_with(&format!("[{}]", fleet.lb_address())))
-        .and_then(|l| l.split_once(' '))
-        .map(|(_, key)| key.to_string())
-        .unwrap();
-    let tampered: Vec<String> = known_hosts
-        .lines()
-        .map(|l| match l.split_once(' ') {
-            Some((host, _)) if host.starts_with(&format!("[{web2}]")) => format!("{host} {lb_key}"),
-            _ => l.to_string(),
-        })
-        .collect();
-    std::fs::write(fleet.known_hosts_path(), tampered.join("\n") + "\n").unwrap();
+    give_host_the_lb_key(&fleet, "web-2");
 
     let run = rollout(&fleet.inventory_path(), &v2, "v2", "1");
 

@@ -361,3 +361,24 @@ pub fn report_hosts(run: &Run) -> Vec<(String, String, bool)> {
         })
         .collect()
 }
+
+/// Gives `host`'s known_hosts entry the load balancer's key: a different, valid key for that
+/// address, as a host whose key changed (or a machine in its place) presents.
+pub fn give_host_the_lb_key(fleet: &Fleet, host: &str) {
+    let known_hosts = std::fs::read_to_string(fleet.known_hosts_path()).unwrap();
+    let address = fleet.host_address(host);
+    let lb_key = known_hosts
+        .lines()
+        .find(|l| l.starts_with(&format!("[{}]", fleet.lb_address())))
+        .and_then(|l| l.split_once(' '))
+        .map(|(_, key)| key.to_string())
+        .unwrap();
+    let tampered: Vec<String> = known_hosts
+        .lines()
+        .map(|l| match l.split_once(' ') {
+            Some((h, _)) if h.starts_with(&format!("[{address}]")) => format!("{h} {lb_key}"),
+            _ => l.to_string(),
+        })
+        .collect();
+    std::fs::write(fleet.known_hosts_path(), tampered.join("\n") + "\n").unwrap();
+}
